@@ -1,0 +1,81 @@
+"""Checkpoints: one dict holding everything needed to resume training or to rebuild the model for inference.
+
+Keys: format, model (plain state dict: no '_orig_mod.' or 'module.' prefixes), config (the
+resolved TrainConfig), schema (labels.schema at the run's age threshold), preprocess (the record
+transforms.eval_transform rebuilds the input pipeline from), epoch (last finished, counting from
+1), metrics (validation metrics of that epoch); last.pt adds optimizer, scheduler, scaler, ema,
+loss (learned loss weights) and the early-stopping state.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mtl import labels
+from mtl.errors import ConfigError
+from mtl.io import atomic_torch_save
+from mtl.model import clean_state_dict, create_model
+
+CHECKPOINT_FORMAT = 1
+
+
+def save(checkpoint: dict, path) -> Path:
+    """Write a checkpoint atomically (temp file + rename): a kill never leaves a broken one."""
+    return atomic_torch_save({"format": CHECKPOINT_FORMAT, **checkpoint}, path)
+
+
+def load(path) -> dict:
+    """Read a checkpoint on the CPU, or raise a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise ConfigError(f"{path}: not a readable checkpoint ({str(exc).strip().splitlines()[0][:160]})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise ConfigError(f"{path}: not a checkpoint written by train_multitask.py")
+    checkpoint["path"] = str(path)
+    return checkpoint
+
+
+def build_model(checkpoint: dict):
+    """The model a checkpoint describes, with its weights loaded (no pretrained download)."""
+    cfg = checkpoint["config"]
+    model = create_model(cfg["model"], cfg["arch"], pretrained=False, head=cfg.get("head", "linear"),
+                         head_dropout=cfg.get("head_dropout", 0.0), age_reg=cfg.get("age_reg_weight", 0) > 0)
+    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    return model
+
+
+def threshold(checkpoint: dict) -> int:
+    """The age threshold a checkpoint was trained with."""
+    return int(checkpoint["schema"]["age_threshold"])
+
+
+def check_same_schema(checkpoints):
+    """Raise if checkpoints disagree on the label schema or the age threshold (they cannot be ensembled)."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        if other["schema"] != first["schema"]:
+            raise ConfigError(f"{other['path']} uses label schema {other['schema']} but {first['path']} uses "
+                              f"{first['schema']}: checkpoints of different schemas cannot be ensembled")
+
+
+def check_resumable(checkpoint: dict, cfg) -> None:
+    """Raise if --resume points at a checkpoint of another architecture, trunk or head than the config's."""
+    saved = checkpoint["config"]
+    for key in ("arch", "model", "head"):
+        if saved.get(key) != getattr(cfg, key):
+            raise ConfigError(f"--resume {checkpoint['path']}: the checkpoint was trained with --{key} "
+                              f"{saved.get(key)}, not {getattr(cfg, key)}")
+    if (saved.get("age_reg_weight", 0) > 0) != (cfg.age_reg_weight > 0):
+        raise ConfigError(f"--resume {checkpoint['path']}: the checkpoint was trained "
+                          f"{'with' if saved.get('age_reg_weight', 0) > 0 else 'without'} --age-reg-weight")
+    if "optimizer" not in checkpoint:
+        raise ConfigError(f"--resume {checkpoint['path']}: holds no optimizer state (resume from last.pt)")
+
+
+def schema_for(cfg) -> dict:
+    return labels.schema(cfg.age_threshold)

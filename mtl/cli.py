@@ -1,0 +1,110 @@
+"""Command-line plumbing shared by the entry scripts: the training flags, and clean error exits."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mtl.errors import MTLError
+
+
+def main_guard(main):
+    """Run main(); a user error prints 'error: ...' (no traceback) and exits 2, Ctrl-C exits 130."""
+    try:
+        return main()
+    except MTLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints written so far are kept", file=sys.stderr)
+        sys.exit(130)
+
+
+def _flag(group, *names, key=None, **kwargs):
+    kwargs.setdefault("default", None)
+    group.add_argument(*names, dest=key or names[0].lstrip("-").replace("-", "_"), **kwargs)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
+    """Every TrainConfig key as a flag (default None: only flags given override the YAML config)."""
+    def flag(*names, **kwargs):
+        if names[0] not in skip:
+            _flag(current, *names, **kwargs)
+
+    current = parser.add_argument_group("data")
+    flag("--data", help="data folder with train/ and eval/ (the competition layout)")
+    flag("--out", help="output folder (default: a fresh runs/<time>_<model>_<arch>)")
+    flag("--age-threshold", type=int, help="age from which a person counts as 60+ (e.g. 59; default 60)")
+    flag("--drop-ages", help="leave these ages out of training only, e.g. 57-59")
+    flag("--relabel", help="CSV of id,gender,age fixes applied on load")
+    flag("--extra", action="append", help="extra partial-label CSV (data_tools.import_faces); repeatable")
+    flag("--folds", type=int, help="number of person-level folds (default 5)")
+    flag("--fold", type=int, help="validation fold (default 0)")
+    flag("--all-folds", action="store_const", const=True, help="train every fold in turn (for an ensemble)")
+    flag("--seed", type=int, help="seed for folds, shuffling and augmentation")
+    flag("--skip-bad", action="store_const", const=True, help="leave out bad photos instead of stopping")
+    flag("--no-cache", key="cache", action="store_const", const=False, help="decode JPEGs every time")
+    flag("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
+    flag("--workers", type=int, help="DataLoader and cache-building worker processes")
+
+    current = parser.add_argument_group("preprocessing and augmentation")
+    flag("--img-size", type=int, nargs="+", metavar="N", help="network input W H (or one number for a square)")
+    flag("--load-size", type=int, nargs="+", metavar="N", help="decode + cache size W H (default: --img-size)")
+    flag("--center-crop", type=int, nargs="+", metavar="N", help="center crop W H in load-size pixels")
+    flag("--augment", help="augmentation preset: none, flip, baseline, strong, gridshuffle, ...")
+
+    current = parser.add_argument_group("model")
+    flag("--model", help="any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")
+    flag("--arch", help="multihead (default), joint18 or separate")
+    flag("--head", help="task head: linear (default) or another registered head")
+    flag("--no-pretrained", key="pretrained", action="store_const", const=False,
+         help="random initial weights instead of ImageNet ones")
+    flag("--pretrained-file", help="local pretrained weights file for the trunk")
+    flag("--head-dropout", type=float, help="dropout before each head")
+    flag("--drop-path-rate", type=float, help="stochastic depth of the trunk")
+    flag("--age-reg-weight", type=float, help="weight of the auxiliary age regression (0 = off; e.g. 0.1)")
+
+    current = parser.add_argument_group("losses")
+    for task in ("mask", "gender", "age", "joint"):
+        flag(f"--{task}-loss", key=f"{task}_loss", metavar="NAME[:k=v,...]",
+             help=f"{task} loss, e.g. focal:gamma=2,class_weights=balanced")
+    flag("--loss-weights", type=float, nargs=3, metavar=("M", "G", "A"), help="task loss weights")
+    flag("--loss-weighting", help="fixed (default) or uncertainty (learned, Kendall et al. 2018)")
+
+    current = parser.add_argument_group("optimisation")
+    flag("--epochs", type=int)
+    flag("--batch-size", type=int)
+    flag("--lr", type=float, help="peak learning rate (AdamW)")
+    flag("--weight-decay", type=float)
+    flag("--warmup-epochs", type=float)
+    flag("--eta-min", type=float, help="learning rate at the end of the cosine schedule")
+    flag("--grad-clip", type=float, help="gradient norm clip (0 = off)")
+    flag("--accumulate", type=int, help="gradient accumulation steps")
+    flag("--amp", help="auto (bf16 on CUDA), bf16, fp16 or off")
+    flag("--no-channels-last", key="channels_last", action="store_const", const=False)
+    flag("--compile", action="store_const", const=True, help="torch.compile the model")
+    flag("--ema", type=float, help="EMA decay of the weights (0 = off, e.g. 0.999)")
+    flag("--sampler", help="none or balanced (each 18-class combination equally often)")
+    flag("--mixup", type=float, help="mixup alpha (0 = off)")
+    flag("--cutmix", type=float, help="vertical CutMix alpha (0 = off)")
+    flag("--mix-prob", type=float, help="share of batches mixed")
+    flag("--patience", type=int, help="early stopping after this many epochs without a better F1 (0 = off)")
+
+    current = parser.add_argument_group("running")
+    flag("--device", help="auto, cpu, cuda, cuda:1, ...")
+    flag("--resume", help="continue a run from its last.pt")
+    flag("--log-images", type=int, help="misclassified photos shown in TensorBoard per epoch")
+    flag("--no-progress", key="progress", action="store_const", const=False)
+
+
+def overrides_from_args(args) -> dict:
+    """The flags given on the command line as TrainConfig keys (per-task loss flags folded into `losses`)."""
+    from mtl.config import FIELDS, parse_loss_spec
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    losses = {}
+    for task in ("mask", "gender", "age", "joint"):
+        spec = values.pop(f"{task}_loss", None)
+        if spec:
+            losses[task] = parse_loss_spec(spec)
+    if losses:
+        values["losses"] = losses
+    return {k: v for k, v in values.items() if k in FIELDS}

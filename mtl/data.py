@@ -1,0 +1,269 @@
+"""Data tables: read the competition layout and external partial-label tables into one sample table.
+
+A sample table is a pandas DataFrame with one row per photo and the columns in SAMPLE_COLUMNS:
+`image_path` (absolute), `person_id`, `photo` (file stem, e.g. 'mask3'), `mask`, `gender`, `age`
+(years), `source` ('train', 'extra:<file>', 'eval'). A label the sample does not carry is
+labels.UNKNOWN (-1). Age groups are not stored: they follow from `age` and the threshold
+(labels.age_group), so the threshold can change without touching the data.
+
+Problems with the input (a missing column, a person folder with missing or extra photos, an
+unreadable photo) are collected as `Problem`s and raised together as one DataError naming every
+offending file, before any training starts; `skip_bad=True` drops the bad photos instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mtl import labels
+from mtl.errors import DataError
+
+TRAIN_COLUMNS = ("id", "gender", "race", "age", "path")
+EVAL_COLUMNS = ("ImageID",)
+RELABEL_COLUMNS = ("id",)            # plus at least one of gender, age
+EXTRA_COLUMNS = ("path", "mask", "gender", "age")
+SAMPLE_COLUMNS = ("image_path", "person_id", "photo", "mask", "gender", "age", "source")
+FACE_CROP_RECORD = "face_crop.json"  # written by data_tools.crop_faces next to train/ and eval/
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input: the file (or folder) and what is wrong with it."""
+    path: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.path}: {self.reason}"
+
+
+def format_problems(problems, what="problem", limit=50) -> str:
+    """A summary line followed by one indented line per problem (at most `limit`)."""
+    lines = [f"{len(problems)} {what}{'s' if len(problems) != 1 else ''} found:"]
+    lines += [f"  {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
+def raise_or_skip(problems, skip_bad: bool, log=print, what="bad input"):
+    """Raise a DataError listing every problem, or (skip_bad) log how many were skipped."""
+    if not problems:
+        return
+    if not skip_bad:
+        raise DataError(format_problems(problems, what) + "\nFix them, or rerun with --skip-bad to leave them out.")
+    log(f"--skip-bad: skipping {len(problems)} {what}(s); first: {problems[0]}")
+
+
+def is_ignored(name: str) -> bool:
+    """macOS resource forks, Jupyter checkpoints and hidden files are not photos."""
+    return name.startswith("._") or name.startswith(".") or name == ".ipynb_checkpoints"
+
+
+def read_csv_checked(path: Path, required, what: str) -> pd.DataFrame:
+    """Read a CSV as strings, or raise a DataError naming the file and any missing column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read as CSV ({str(exc).strip().splitlines()[0]})") from None
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} "
+                        f"(expected {','.join(required)}; found {','.join(table.columns)})")
+    return table
+
+
+def _parse_int(value, path, row, column, problems, allow_unknown=False):
+    text = str(value).strip()
+    if allow_unknown and text in ("", "-1"):
+        return labels.UNKNOWN
+    if re.fullmatch(r"-?\d+", text) is None or (int(text) < 0):
+        problems.append(Problem(f"{path} row {row}", f"column {column} must be a whole number >= 0, got {value!r}"))
+        return labels.UNKNOWN
+    return int(text)
+
+
+def _parse_gender(value, path, row, problems, allow_unknown=False):
+    text = str(value).strip().lower()
+    if text in labels.GENDER_CODE:
+        return labels.GENDER_CODE[text]
+    if text in ("0", "1"):
+        return int(text)
+    if allow_unknown and text in ("", "-1", "unknown"):
+        return labels.UNKNOWN
+    problems.append(Problem(f"{path} row {row}", f"column gender must be male or female, got {value!r}"))
+    return labels.UNKNOWN
+
+
+def read_people(data_root) -> pd.DataFrame:
+    """DATA/train/train.csv -> one row per person: id, gender (0/1), race, age (int), path."""
+    csv_path = Path(data_root) / "train" / "train.csv"
+    table = read_csv_checked(csv_path, TRAIN_COLUMNS, "train.csv")
+    problems = []
+    genders = [_parse_gender(v, csv_path, i + 2, problems) for i, v in enumerate(table["gender"])]
+    ages = [_parse_int(v, csv_path, i + 2, "age", problems) for i, v in enumerate(table["age"])]
+    dup = table["path"][table["path"].duplicated()]
+    problems += [Problem(str(csv_path), f"folder {p!r} is listed more than once") for p in dup]
+    if problems:
+        raise DataError(format_problems(problems, "bad row in train.csv"))
+    people = pd.DataFrame({"id": table["id"].str.strip(), "gender": genders, "race": table["race"],
+                           "age": ages, "path": table["path"].str.strip()})
+    return people
+
+
+def apply_relabel(people: pd.DataFrame, relabel_csv, log=print) -> pd.DataFrame:
+    """Apply an `id,gender,age` fix table (either label column may be blank) and log each change."""
+    relabel_csv = Path(relabel_csv)
+    table = read_csv_checked(relabel_csv, RELABEL_COLUMNS, "relabel CSV")
+    if "gender" not in table.columns and "age" not in table.columns:
+        raise DataError(f"{relabel_csv}: needs a gender or an age column besides id")
+    people = people.copy()
+    index = {pid: i for i, pid in enumerate(people["id"])}
+    problems, changes = [], []
+    for row, fix in enumerate(table.to_dict("records"), start=2):
+        pid = str(fix["id"]).strip()
+        if pid not in index:
+            problems.append(Problem(f"{relabel_csv} row {row}", f"id {pid!r} is not in train.csv"))
+            continue
+        i = index[pid]
+        for column in ("gender", "age"):
+            text = str(fix.get(column, "")).strip()
+            if not text:
+                continue
+            value = (_parse_gender(text, relabel_csv, row, problems) if column == "gender"
+                     else _parse_int(text, relabel_csv, row, column, problems))
+            old = int(people.at[i, column])
+            if value != labels.UNKNOWN and value != old:
+                people.at[i, column] = value
+                changes.append(f"{pid} {column} {old}->{value}")
+    if problems:
+        raise DataError(format_problems(problems, "bad row in the relabel CSV"))
+    log(f"relabel: {len(changes)} change(s) from {relabel_csv.name}" + (f": {'; '.join(changes[:20])}"
+                                                                         + (" ..." if len(changes) > 20 else "")
+                                                                         if changes else ""))
+    return people
+
+
+def scan_person(folder: Path):
+    """Photos of one person folder -> ({stem: path}, [Problem]) for missing, extra or doubled photos."""
+    photos, problems = {}, []
+    if not folder.is_dir():
+        return photos, [Problem(str(folder), "person folder listed in train.csv does not exist")]
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if is_ignored(entry.name):
+            continue
+        stem, ext = os.path.splitext(entry.name)
+        if not entry.is_file() or stem not in labels.PHOTO_MASK or ext.lower() not in labels.IMAGE_EXTENSIONS:
+            problems.append(Problem(entry.path, "extra file (expected only mask1..mask5, incorrect_mask, normal "
+                                                "with .jpg/.jpeg/.png)"))
+        elif stem in photos:
+            problems.append(Problem(entry.path, f"second photo for {stem} (also {Path(photos[stem]).name})"))
+        else:
+            photos[stem] = entry.path
+    problems += [Problem(str(folder / stem), "photo missing") for stem in labels.PHOTO_STEMS if stem not in photos]
+    return photos, problems
+
+
+def train_samples(data_root, relabel_csv=None, log=print):
+    """Read DATA/train into (sample table, [Problem]); the problems are the layout's, not yet the pixels'."""
+    root = Path(data_root).resolve()
+    people = read_people(root)
+    if relabel_csv:
+        people = apply_relabel(people, relabel_csv, log=log)
+    rows, problems = [], []
+    images = root / "train" / "images"
+    for person in people.itertuples(index=False):
+        photos, person_problems = scan_person(images / person.path)
+        problems += person_problems
+        for stem, path in photos.items():
+            rows.append((path, person.id, stem, labels.PHOTO_MASK[stem], person.gender, person.age, "train"))
+    return sample_table(rows), problems
+
+
+def sample_table(rows) -> pd.DataFrame:
+    """Rows of SAMPLE_COLUMNS tuples -> a sample table with integer label columns."""
+    table = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
+    for column in ("mask", "gender", "age"):
+        table[column] = table[column].astype(np.int64)
+    return table
+
+
+def eval_samples(data_root) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """DATA/eval/info.csv -> (info table as read, sample table in info.csv order). Missing images raise, all named."""
+    root = Path(data_root).resolve()
+    info_path = root / "eval" / "info.csv"
+    info = read_csv_checked(info_path, EVAL_COLUMNS, "eval info.csv")
+    image_dir = root / "eval" / "images"
+    paths = [str(image_dir / image_id) for image_id in info["ImageID"]]
+    missing = [Problem(p, "listed in info.csv but not found") for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(format_problems(missing, "missing eval image"))
+    rows = [(p, image_id, "eval", labels.UNKNOWN, labels.UNKNOWN, labels.UNKNOWN, "eval")
+            for p, image_id in zip(paths, info["ImageID"])]
+    return info, sample_table(rows)
+
+
+def parse_age_range(text) -> tuple[int, int] | None:
+    """'57-59' or '58' -> (57, 59) / (58, 58); None or '' -> None."""
+    if text is None or str(text).strip() in ("", "none", "None"):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", str(text))
+    if match is None:
+        raise DataError(f"--drop-ages must look like 57-59 or 58, got {text!r}")
+    low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+    if low > high:
+        raise DataError(f"--drop-ages {text!r}: the first age must not exceed the second")
+    return low, high
+
+
+def read_extra(csv_path) -> pd.DataFrame:
+    """An external partial-label table (path,mask,gender,age[,person_id]) -> sample table.
+
+    Paths are absolute or relative to the CSV's folder; a blank or -1 label is UNKNOWN. This is
+    the format data_tools.import_faces and data_tools.pseudo_label write.
+    """
+    csv_path = Path(csv_path).resolve()
+    table = read_csv_checked(csv_path, EXTRA_COLUMNS, "extra-data CSV")
+    problems, rows = [], []
+    for row, rec in enumerate(table.to_dict("records"), start=2):
+        path = Path(rec["path"])
+        path = path if path.is_absolute() else csv_path.parent / path
+        mask = _parse_int(rec["mask"], csv_path, row, "mask", problems, allow_unknown=True)
+        if mask >= labels.NUM_CLASSES["mask"]:
+            problems.append(Problem(f"{csv_path} row {row}", f"mask must be 0, 1, 2 or -1, got {mask}"))
+        gender = _parse_gender(rec["gender"], csv_path, row, problems, allow_unknown=True)
+        age = _parse_int(rec["age"], csv_path, row, "age", problems, allow_unknown=True)
+        if not path.is_file():
+            problems.append(Problem(str(path), f"listed in {csv_path.name} row {row} but not found"))
+        person = str(rec.get("person_id") or f"{csv_path.stem}:{row}")
+        rows.append((str(path), person, Path(path).stem, mask, gender, age, f"extra:{csv_path.name}"))
+    if problems:
+        raise DataError(format_problems(problems, "bad row in the extra-data CSV"))
+    return sample_table(rows)
+
+
+def write_extra(samples: pd.DataFrame, csv_path) -> Path:
+    """Write a partial-label table (paths relative to the CSV's folder when inside it), atomically."""
+    from mtl.io import atomic_write_csv
+    csv_path = Path(csv_path).resolve()
+    out = pd.DataFrame({
+        "path": [os.path.relpath(p, csv_path.parent) if Path(p).resolve().is_relative_to(csv_path.parent) else p
+                 for p in samples["image_path"]],
+        "mask": samples["mask"].astype(int), "gender": samples["gender"].astype(int),
+        "age": samples["age"].astype(int), "person_id": samples["person_id"]})
+    return atomic_write_csv(out, csv_path)
+
+
+def read_face_crop_record(data_root) -> dict | None:
+    """The crop settings data_tools.crop_faces recorded for DATA, or None for uncropped data."""
+    import json
+    record = Path(data_root) / FACE_CROP_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None

@@ -1,0 +1,88 @@
+"""The torch Dataset and the one function that turns a data folder into checked train/validation sets."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from mtl import data, labels
+from mtl.images import open_images
+from mtl.splits import check_fold, person_folds
+
+
+class FaceDataset(Dataset):
+    """Photos + task labels: each item is {image, mask, gender, age_group, age, index}; unknown labels are -1."""
+
+    def __init__(self, samples: pd.DataFrame, images, transform, age_threshold=labels.DEFAULT_AGE_THRESHOLD):
+        assert len(samples) == len(images), "samples and images must align"
+        self.samples, self.images, self.transform = samples.reset_index(drop=True), images, transform
+        self.mask = samples["mask"].to_numpy(np.int64)
+        self.gender = samples["gender"].to_numpy(np.int64)
+        self.age = samples["age"].to_numpy(np.int64)
+        self.age_group = labels.age_group(self.age, age_threshold)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def pixels(self, i) -> np.ndarray:
+        """The photo as decoded at load size (RGB uint8), before any transform."""
+        return np.array(self.images[i])  # NOTE: a writable copy; cached rows are read-only buffers
+
+    def __getitem__(self, i):
+        image = self.transform(image=self.pixels(i))["image"]
+        return {"image": image, "mask": self.mask[i], "gender": self.gender[i], "age_group": self.age_group[i],
+                "age": np.float32(self.age[i]), "index": i}
+
+    def targets(self) -> dict:
+        """All labels as tensors (for class weights, samplers and metrics)."""
+        return {"mask": torch.as_tensor(self.mask), "gender": torch.as_tensor(self.gender),
+                "age_group": torch.as_tensor(self.age_group), "age": torch.as_tensor(self.age, dtype=torch.float32)}
+
+
+@dataclasses.dataclass
+class FoldData:
+    """Checked samples and their image sources for one person-level fold."""
+    train_samples: pd.DataFrame
+    val_samples: pd.DataFrame
+    train_images: object
+    val_images: object
+    skipped: int = 0
+
+
+def load_fold(data_root, load_size, folds=5, fold=0, seed=42, relabel_csv=None, drop_ages=None, extra_csvs=(),
+              cache_dir=None, use_cache=True, workers=2, skip_bad=False, progress=True, log=print) -> FoldData:
+    """Read, check and split the data: every problem is raised (or skipped) here, before any training.
+
+    Validation holds the fold's competition people; training holds the other people (minus any
+    --drop-ages) plus every extra-data photo.
+    """
+    check_fold(folds, fold)
+    age_range = data.parse_age_range(drop_ages)
+    samples, problems = data.train_samples(data_root, relabel_csv, log=log)
+    data.raise_or_skip(problems, skip_bad, log, "problem")
+    skipped = len(problems)
+    samples = pd.concat([samples, *(data.read_extra(path) for path in extra_csvs or ())], ignore_index=True)
+    images, problems = open_images(samples["image_path"], load_size, cache_dir=cache_dir, use_cache=use_cache,
+                                   workers=workers, progress=progress)
+    data.raise_or_skip(problems, skip_bad, log, "unreadable photo")
+    skipped += len(problems)
+    good = np.flatnonzero(~samples["image_path"].isin({p.path for p in problems}).to_numpy())
+    samples, images = samples.iloc[good].reset_index(drop=True), images.take(good)
+
+    is_comp = (samples["source"] == "train").to_numpy()
+    fold_of = np.full(len(samples), -1)
+    fold_of[is_comp] = person_folds(samples[is_comp], folds, seed)
+    is_train = fold_of != fold
+    if age_range is not None:
+        dropped = is_train & samples["age"].between(*age_range).to_numpy()
+        log(f"--drop-ages {age_range[0]}-{age_range[1]}: {int(dropped.sum())} photos of "
+            f"{samples.loc[dropped, 'person_id'].nunique()} people left out of training")
+        is_train &= ~dropped
+    if not is_comp.all():
+        log(f"extra data: {int((~is_comp).sum())} photos added to training")
+    train_idx, val_idx = np.flatnonzero(is_train), np.flatnonzero(fold_of == fold)
+    return FoldData(samples.iloc[train_idx].reset_index(drop=True), samples.iloc[val_idx].reset_index(drop=True),
+                    images.take(train_idx), images.take(val_idx), skipped)

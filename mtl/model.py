@@ -1,0 +1,182 @@
+"""Models: a timm trunk and task heads, in three architectures chosen by name.
+
+- `multihead` (default): one shared trunk, three heads (mask 3 logits, gender 1 logit, age 3 logits).
+- `joint18`: one shared trunk, one 18-way head (what most top teams of the competition used).
+- `separate`: three independent trunks, one per task (the approach of two seed write-ups).
+
+Every architecture returns a dict of logits keyed by what it predicts ('mask', 'gender', 'age',
+'joint', and 'age_reg', the regressed age in years, when --age-reg-weight > 0);
+`mtl.metrics.head_probs` turns any of them into the same per-task probabilities. Heads come from
+HEADS by name and get both the trunk's feature map and its pooled features, so attention heads
+(which need the unpooled map) plug in beside the linear one.
+"""
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from torch import nn
+
+from mtl import labels
+from mtl.errors import ConfigError
+
+AGE_MEAN, AGE_SCALE = 40.0, 20.0  # NOTE: the regression head predicts (age - 40) / 20, a unit-scale target
+OUTPUT_SIZES = {"mask": labels.NUM_CLASSES["mask"], "gender": 1, "age": labels.NUM_CLASSES["age"],
+                "joint": labels.NUM_JOINT, "age_reg": 1}
+
+
+class LinearHead(nn.Module):
+    """Dropout + linear layer on the pooled features."""
+
+    def __init__(self, in_features, out_features, dropout=0.2, **_):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, out_features)
+
+    def forward(self, feature_map, pooled):
+        return self.fc(self.drop(pooled))
+
+
+HEADS = {"linear": LinearHead}
+
+
+class Trunk(nn.Module):
+    """A timm model without its classifier: returns (feature map or tokens, pooled features)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = backbone.num_features
+
+    def forward(self, x):
+        feature_map = self.backbone.forward_features(x)
+        return feature_map, self.backbone.forward_head(feature_map, pre_logits=True)
+
+
+class TaskModel(nn.Module):
+    """Trunks and heads wired by a plan: {output name: index of the trunk that feeds it}."""
+
+    def __init__(self, trunks, plan, head="linear", head_dropout=0.2):
+        super().__init__()
+        self.trunks = nn.ModuleList(trunks)
+        self.plan = dict(plan)
+        self.heads = nn.ModuleDict({name: HEADS[head](self.trunks[t].num_features, OUTPUT_SIZES[name],
+                                                      dropout=head_dropout) for name, t in self.plan.items()})
+
+    def forward(self, x):
+        features = [trunk(x) for trunk in self.trunks]
+        out = {name: self.heads[name](*features[t]) for name, t in self.plan.items()}
+        for name in ("gender", "age_reg"):
+            if name in out:
+                out[name] = out[name].squeeze(1)
+        if "age_reg" in out:
+            out["age_reg"] = out["age_reg"] * AGE_SCALE + AGE_MEAN
+        return out
+
+
+def plan_for(arch: str, age_reg: bool) -> tuple[int, dict]:
+    """(number of trunks, {output: trunk index}) for an architecture."""
+    if arch == "multihead":
+        n, plan = 1, {"mask": 0, "gender": 0, "age": 0}
+    elif arch == "joint18":
+        n, plan = 1, {"joint": 0}
+    elif arch == "separate":
+        n, plan = 3, {"mask": 0, "gender": 1, "age": 2}
+    else:
+        raise ConfigError(f"unknown --arch {arch!r}; known: multihead, joint18, separate")
+    if age_reg:
+        plan["age_reg"] = plan.get("age", 0)
+    return n, plan
+
+
+def check_model_name(name: str):
+    """Raise ConfigError for a name timm does not know, suggesting close ones."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ConfigError(f"unknown --model {name!r}{hint}")
+
+
+def check_model_config(cfg):
+    """Check the model keys of a TrainConfig before anything is built."""
+    check_model_name(cfg.model)
+    plan_for(cfg.arch, False)
+    if cfg.head not in HEADS:
+        raise ConfigError(f"unknown head {cfg.head!r}; known: {', '.join(sorted(HEADS))}")
+    if cfg.pretrained_file and not __import__("os").path.isfile(cfg.pretrained_file):
+        raise ConfigError(f"--pretrained-file not found: {cfg.pretrained_file}")
+
+
+def create_backbone(name, pretrained=True, pretrained_file=None, drop_path_rate=0.0):
+    """A timm model without classifier; pretrained weights from the hub or a local file, never silently random."""
+    check_model_name(name)
+    kwargs = {"num_classes": 0}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained_file:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+    try:
+        return timm.create_model(name, pretrained=bool(pretrained or pretrained_file), **kwargs)
+    except TypeError:
+        kwargs.pop("drop_path_rate", None)  # NOTE: a few timm models take no drop_path_rate
+        return create_backbone(name, pretrained, pretrained_file, 0.0)
+    except Exception as exc:  # noqa: BLE001 - any failure to get the weights
+        if not (pretrained or pretrained_file):
+            raise
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        source = pretrained_file or "the Hugging Face hub"
+        raise ConfigError(f"could not load pretrained weights for {name} from {source} ({why}); pass "
+                          f"--pretrained-file PATH with a local weights file, or --no-pretrained to train "
+                          f"from random weights") from None
+
+
+def create_model(model="efficientnet_b3", arch="multihead", pretrained=True, pretrained_file=None, head="linear",
+                 head_dropout=0.2, drop_path_rate=0.0, age_reg=False) -> TaskModel:
+    """Build an architecture by name around a timm trunk."""
+    n_trunks, plan = plan_for(arch, age_reg)
+    if head not in HEADS:
+        raise ConfigError(f"unknown head {head!r}; known: {', '.join(sorted(HEADS))}")
+    trunks = [Trunk(create_backbone(model, pretrained, pretrained_file, drop_path_rate)) for _ in range(n_trunks)]
+    return TaskModel(trunks, plan, head=head, head_dropout=head_dropout)
+
+
+def model_from_config(cfg) -> TaskModel:
+    """The model a TrainConfig describes."""
+    return create_model(cfg.model, cfg.arch, cfg.pretrained, cfg.pretrained_file, cfg.head, cfg.head_dropout,
+                        cfg.drop_path_rate, cfg.age_reg_weight > 0)
+
+
+def normalization(model: TaskModel) -> tuple[list, list]:
+    """The trunk's expected input mean and std (from timm's pretrained config)."""
+    cfg = timm.data.resolve_data_config({}, model=model.trunks[0].backbone)
+    return list(cfg["mean"]), list(cfg["std"])
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def channels_last_ok(device: torch.device) -> bool:
+    return device.type == "cuda"
