@@ -1,0 +1,53 @@
+"""Shared fixtures: one small synthetic data set and one short training run per test session.
+
+The tests never download weights (HF_HUB_OFFLINE) and never touch ~/.cache (each session gets its
+own decoded-image cache folder).
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # NOTE: before timm / huggingface_hub are imported
+
+import pytest  # noqa: E402
+
+TINY = {"model": "test_efficientnet", "pretrained": False, "img_size": [40, 52], "augment": "flip",
+        "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0.2, "workers": 0, "progress": False, "drop_path_rate": 0.0,
+        "head_dropout": 0.0, "log_images": 8, "folds": 5, "fold": 0}
+SYNTHETIC_SIZE = (48, 64)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """A synthetic data set in the competition layout: 120 train people, 30 eval people, 48x64 photos."""
+    from data_tools.make_synthetic import make_synthetic
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    make_synthetic(out, people=120, seed=0, eval_people=30, size=SYNTHETIC_SIZE, progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_config(synthetic_data, cache_dir, tmp_path):
+    """Build a TrainConfig for a tiny CPU run on the synthetic data: tiny_config(epochs=2, arch='joint18')."""
+    from mtl import config
+
+    def make(**overrides):
+        values = {**TINY, "data": str(synthetic_data), "cache_dir": str(cache_dir), "out": str(tmp_path / "run"),
+                  **overrides}
+        return config.build(values)
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data, cache_dir, tmp_path_factory):
+    """One short multi-head training run (with age regression), shared by the tests that need a trained model."""
+    from mtl import config
+    from mtl.train import train
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = config.build({**TINY, "data": str(synthetic_data), "cache_dir": str(cache_dir), "out": str(out),
+                        "epochs": 8, "age_reg_weight": 0.1})
+    result = train(cfg, log=lambda *_: None)
+    return result
