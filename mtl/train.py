@@ -158,7 +158,7 @@ def train_one_epoch(state, epoch: int) -> dict:
                 loss = lam * loss + (1 - lam) * loss_b
                 parts = {k: lam * parts[k] + (1 - lam) * parts_b[k] for k in parts}
             if not torch.isfinite(loss.detach()):
-                raise TrainingError(f"loss became {float(loss)} at epoch {epoch}, step {state['step']} "
+                raise TrainingError(f"loss became {float(loss.detach())} at epoch {epoch}, step {state['step']} "
                                     f"(batch {i}); stopped, {state['last_good']} kept; try a lower --lr "
                                     f"or --grad-clip")
             scaler.scale(loss / cfg.accumulate).backward()
