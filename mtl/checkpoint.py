@@ -15,7 +15,7 @@ import torch
 from mtl import labels
 from mtl.errors import ConfigError
 from mtl.io import atomic_torch_save
-from mtl.model import clean_state_dict, create_model
+from mtl.model import clean_state_dict, model_from_config
 
 CHECKPOINT_FORMAT = 1
 
@@ -42,9 +42,7 @@ def load(path) -> dict:
 
 def build_model(checkpoint: dict):
     """The model a checkpoint describes, with its weights loaded (no pretrained download)."""
-    cfg = checkpoint["config"]
-    model = create_model(cfg["model"], cfg["arch"], pretrained=False, head=cfg.get("head", "linear"),
-                         head_dropout=cfg.get("head_dropout", 0.0), age_reg=cfg.get("age_reg_weight", 0) > 0)
+    model = model_from_config(checkpoint["config"], pretrained=False)
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
     return model
 

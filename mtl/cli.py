@@ -7,15 +7,15 @@ import sys
 from mtl.errors import MTLError
 
 
-def main_guard(main):
-    """Run main(); a user error prints 'error: ...' (no traceback) and exits 2, Ctrl-C exits 130."""
+def main_guard(main, interrupted="interrupted: checkpoints written so far are kept"):
+    """Run main(); a user error prints 'error: ...' (no traceback) and exits 2, Ctrl-C prints `interrupted`, exits 130."""
     try:
         return main()
     except MTLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: checkpoints written so far are kept", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
 
 
@@ -51,6 +51,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
     flag("--load-size", type=int, nargs="+", metavar="N", help="decode + cache size W H (default: --img-size)")
     flag("--center-crop", type=int, nargs="+", metavar="N", help="center crop W H in load-size pixels")
     flag("--augment", help="augmentation preset: none, flip, baseline, strong, gridshuffle, ...")
+    flag("--oversample-old", type=int, help="repeat the 60+ people this many more times per epoch")
+    flag("--oversample-augment", help="augmentation preset of those repeated photos (default strong)")
 
     current = parser.add_argument_group("model")
     flag("--model", help="any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")

@@ -44,6 +44,8 @@ class TrainConfig:
     load_size: list | None = None
     center_crop: list | None = None
     augment: str = "strong"
+    oversample_old: int = 0
+    oversample_augment: str = "strong"
     # model
     model: str = "efficientnet_b3"
     arch: str = "multihead"
@@ -178,11 +180,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("lr", "epochs", "batch_size", "accumulate"):
         _positive(cfg, name)
     for name in ("weight_decay", "eta_min", "grad_clip", "warmup_epochs", "age_reg_weight", "ema", "mixup",
-                 "cutmix", "mix_prob", "patience", "head_dropout", "drop_path_rate", "log_images", "workers"):
+                 "cutmix", "mix_prob", "patience", "head_dropout", "drop_path_rate", "log_images", "workers",
+                 "oversample_old"):
         _positive(cfg, name, allow_zero=True)
     if cfg.ema >= 1 or cfg.mix_prob > 1 or cfg.head_dropout >= 1:
         raise ConfigError("--ema and --head-dropout must be below 1 and --mix-prob at most 1")
-    for name in ("epochs", "batch_size", "accumulate", "folds", "fold", "patience", "seed", "workers"):
+    for name in ("epochs", "batch_size", "accumulate", "folds", "fold", "patience", "seed", "workers",
+                 "oversample_old"):
         if int(getattr(cfg, name)) != getattr(cfg, name):
             raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, got {getattr(cfg, name)!r}")
     from mtl.splits import check_fold
@@ -191,6 +195,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.load_size = list(size_pair(cfg.load_size, "--load-size")) if cfg.load_size else None
     cfg.center_crop = list(size_pair(cfg.center_crop, "--center-crop")) if cfg.center_crop else None
     check_augment(cfg.augment)
+    check_augment(cfg.oversample_augment)
     cfg.extra = [cfg.extra] if isinstance(cfg.extra, str) else list(cfg.extra or [])
     from mtl.data import parse_age_range
     parse_age_range(cfg.drop_ages)

@@ -196,19 +196,29 @@ def sample_table(rows) -> pd.DataFrame:
     return table
 
 
-def eval_samples(data_root) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """DATA/eval/info.csv -> (info table as read, sample table in info.csv order). Missing images raise, all named."""
+def read_eval(data_root) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """DATA/eval/info.csv -> (info as read, sample table of the listed photos that exist, [Problem] for each
+    listed photo that is missing and each ImageID listed twice)."""
     root = Path(data_root).resolve()
     info_path = root / "eval" / "info.csv"
     info = read_csv_checked(info_path, EVAL_COLUMNS, "eval info.csv")
     image_dir = root / "eval" / "images"
-    paths = [str(image_dir / image_id) for image_id in info["ImageID"]]
-    missing = [Problem(p, "listed in info.csv but not found") for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise DataError(format_problems(missing, "missing eval image"))
+    ids = info["ImageID"].str.strip()
+    paths = [str(image_dir / image_id) for image_id in ids]
+    exists = [os.path.isfile(p) for p in paths]
+    problems = [Problem(p, "listed in info.csv but not found") for p, ok in zip(paths, exists) if not ok]
+    problems += [Problem(str(info_path), f"ImageID {i!r} is listed more than once") for i in ids[ids.duplicated()]]
     rows = [(p, image_id, "eval", labels.UNKNOWN, labels.UNKNOWN, labels.UNKNOWN, "eval")
-            for p, image_id in zip(paths, info["ImageID"])]
-    return info, sample_table(rows)
+            for p, image_id, ok in zip(paths, ids, exists) if ok]
+    return info, sample_table(rows), problems
+
+
+def eval_samples(data_root) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """DATA/eval/info.csv -> (info table as read, sample table in info.csv order); missing photos raise, all named."""
+    info, samples, problems = read_eval(data_root)
+    if problems:
+        raise DataError(format_problems(problems, "problem with the eval photos"))
+    return info, samples
 
 
 def parse_age_range(text) -> tuple[int, int] | None:
@@ -250,16 +260,26 @@ def read_extra(csv_path) -> pd.DataFrame:
     return sample_table(rows)
 
 
+def _inside(path, folder) -> bool:
+    """Whether path lies in folder, without following symbolic links (linked photos stay relative)."""
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+
+
 def write_extra(samples: pd.DataFrame, csv_path) -> Path:
     """Write a partial-label table (paths relative to the CSV's folder when inside it), atomically."""
     from mtl.io import atomic_write_csv
     csv_path = Path(csv_path).resolve()
     out = pd.DataFrame({
-        "path": [os.path.relpath(p, csv_path.parent) if Path(p).resolve().is_relative_to(csv_path.parent) else p
+        "path": [os.path.relpath(p, csv_path.parent) if _inside(p, csv_path.parent) else p
                  for p in samples["image_path"]],
         "mask": samples["mask"].astype(int), "gender": samples["gender"].astype(int),
         "age": samples["age"].astype(int), "person_id": samples["person_id"]})
     return atomic_write_csv(out, csv_path)
+
+
+# the face_crop.json keys that decide what a crop looks like (not e.g. the facenet-pytorch version)
+FACE_CROP_SETTINGS = ("detector", "choice", "margin", "size", "min_face", "detect_max_side", "fallback",
+                      "fallback_centre", "fallback_side", "pad")
 
 
 def read_face_crop_record(data_root) -> dict | None:
@@ -267,3 +287,10 @@ def read_face_crop_record(data_root) -> dict | None:
     import json
     record = Path(data_root) / FACE_CROP_RECORD
     return json.loads(record.read_text()) if record.is_file() else None
+
+
+def same_face_crop(a: dict | None, b: dict | None) -> bool:
+    """Whether two face_crop.json records (or None: uncropped) describe the same crop."""
+    if a is None or b is None:
+        return a is None and b is None
+    return all(a.get(k) == b.get(k) for k in FACE_CROP_SETTINGS)

@@ -14,15 +14,21 @@ from mtl.splits import check_fold, person_folds
 
 
 class FaceDataset(Dataset):
-    """Photos + task labels: each item is {image, mask, gender, age_group, age, index}; unknown labels are -1."""
+    """Photos + task labels: each item is {image, mask, gender, age_group, age, index}; unknown labels are -1.
+
+    Rows normally share one transform; `oversampled` adds copies of some rows with a transform of their own.
+    """
 
     def __init__(self, samples: pd.DataFrame, images, transform, age_threshold=labels.DEFAULT_AGE_THRESHOLD):
         assert len(samples) == len(images), "samples and images must align"
         self.samples, self.images, self.transform = samples.reset_index(drop=True), images, transform
+        self.age_threshold = age_threshold
         self.mask = samples["mask"].to_numpy(np.int64)
         self.gender = samples["gender"].to_numpy(np.int64)
         self.age = samples["age"].to_numpy(np.int64)
         self.age_group = labels.age_group(self.age, age_threshold)
+        self.transforms = [transform]
+        self.transform_of = np.zeros(len(samples), dtype=np.int64)
 
     def __len__(self):
         return len(self.samples)
@@ -32,9 +38,25 @@ class FaceDataset(Dataset):
         return np.array(self.images[i])  # NOTE: a writable copy; cached rows are read-only buffers
 
     def __getitem__(self, i):
-        image = self.transform(image=self.pixels(i))["image"]
+        image = self.transforms[self.transform_of[i]](image=self.pixels(i))["image"]
         return {"image": image, "mask": self.mask[i], "gender": self.gender[i], "age_group": self.age_group[i],
                 "age": np.float32(self.age[i]), "index": i}
+
+    def set_random_seed(self, seed: int):
+        """Seed every augmentation pipeline (DataLoader workers call this)."""
+        for transform in self.transforms:
+            if hasattr(transform, "set_random_seed"):
+                transform.set_random_seed(seed)
+
+    def oversampled(self, rows, copies: int, transform) -> "FaceDataset":
+        """This dataset plus `copies` more of the given rows, those copies augmented by `transform`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        index = np.concatenate([np.arange(len(self))] + [rows] * copies)
+        out = FaceDataset(self.samples.iloc[index], self.images.take(index), self.transform, self.age_threshold)
+        out.transforms = self.transforms + [transform]
+        out.transform_of = np.concatenate([self.transform_of[index[:len(self)]],
+                                           np.full(len(rows) * copies, len(self.transforms))])
+        return out
 
     def targets(self) -> dict:
         """All labels as tensors (for class weights, samplers and metrics)."""

@@ -23,8 +23,11 @@ LOSS_OPTIONS = {
     "focal": {"gamma", "class_weights"},
     "soft_f1": {"ce_weight", "class_weights"},
     "bce": {"pos_weight", "label_smoothing"},
+    "asl": {"gamma_pos", "gamma_neg", "eps", "class_weights"},
+    "arcface": {"scale", "margin", "class_weights"},
 }
 GENDER_ONLY = {"bce"}
+NOT_GENDER = {"arcface"}  # NOTE: ArcFace needs one class centre per class; gender has a single logit
 
 
 def check_loss_spec(task: str, spec: dict):
@@ -34,11 +37,13 @@ def check_loss_spec(task: str, spec: dict):
         raise ConfigError(f"unknown loss {name!r} for {task}; known: {', '.join(sorted(LOSS_OPTIONS))}")
     if name in GENDER_ONLY and task != "gender":
         raise ConfigError(f"loss {name!r} is for the binary gender task only, not {task}")
+    if name in NOT_GENDER and task == "gender":
+        raise ConfigError(f"loss {name!r} is for mask, age or joint, not the single-logit gender task")
     unknown = set(spec) - {"name"} - LOSS_OPTIONS[name]
     if unknown:
         raise ConfigError(f"loss {name!r} for {task} has no option(s) {', '.join(sorted(unknown))}; "
                           f"it takes {', '.join(sorted(LOSS_OPTIONS[name])) or 'none'}")
-    for key in ("gamma", "label_smoothing", "ce_weight"):
+    for key in ("gamma", "label_smoothing", "ce_weight", "gamma_pos", "gamma_neg", "eps", "scale", "margin"):
         if key in spec and not (isinstance(spec[key], (int, float)) and spec[key] >= 0):
             raise ConfigError(f"loss option {key} for {task} must be a number >= 0, got {spec[key]!r}")
 
@@ -117,6 +122,50 @@ class SoftF1(nn.Module):
         return loss
 
 
+class AsymmetricLoss(nn.Module):
+    """Single-label asymmetric loss (ASL, Ridnik et al. 2021): the target's log-probability down-weighted by
+    (1 - p)^gamma_pos, other classes' (with label smoothing eps) by p^gamma_neg; gammas 0 and eps 0 give CE."""
+
+    def __init__(self, weight=None, gamma_pos=0.0, gamma_neg=4.0, eps=0.1):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.gamma_pos, self.gamma_neg, self.eps = float(gamma_pos), float(gamma_neg), float(eps)
+
+    def forward(self, logits, target):
+        k = logits.shape[1]
+        log_p = F.log_softmax(logits.float(), dim=1)
+        onehot = F.one_hot(target, k).float()
+        p = log_p.exp()
+        base = 1 - p * onehot - (1 - p) * (1 - onehot)  # 1 - p for the target, p for the others
+        focus = base.clamp(min=0) ** (self.gamma_pos * onehot + self.gamma_neg * (1 - onehot))
+        soft = onehot * (1 - self.eps) + self.eps / k
+        loss = -(soft * log_p * focus).sum(1)
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum()
+        return loss.mean()
+
+
+class ArcFace(nn.Module):
+    """Additive angular margin (Deng et al. 2019) on a CosineHead's logits = scale * cos(theta): the target's
+    becomes scale * cos(theta + margin), then cross entropy; at inference the head's plain logits are used."""
+
+    def __init__(self, weight=None, scale=30.0, margin=0.3):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.scale, self.margin = float(scale), float(margin)
+
+    def margin_logits(self, logits, target):
+        cosine = (logits.float() / self.scale).clamp(-1 + 1e-7, 1 - 1e-7)
+        theta = torch.acos(cosine)
+        target_cos = torch.cos(theta + self.margin)
+        onehot = F.one_hot(target, cosine.shape[1]).bool()
+        return self.scale * torch.where(onehot, target_cos, cosine)
+
+    def forward(self, logits, target):
+        return F.cross_entropy(self.margin_logits(logits, target), target, weight=self.weight)
+
+
 class BinaryCE(nn.Module):
     """BCE on one logit, with optional pos_weight (for the female class) and label smoothing."""
 
@@ -152,7 +201,18 @@ def _build_bce(spec, counts, k):
     return BinaryCE(pos_weight, spec.get("label_smoothing", 0.0))
 
 
-LOSSES = {"ce": _build_ce, "focal": _build_focal, "soft_f1": _build_soft_f1, "bce": _build_bce}
+def _build_asl(spec, counts, k):
+    return AsymmetricLoss(_class_weights(spec.get("class_weights"), counts, k), spec.get("gamma_pos", 0.0),
+                          spec.get("gamma_neg", 4.0), spec.get("eps", 0.1))
+
+
+def _build_arcface(spec, counts, k):
+    return ArcFace(_class_weights(spec.get("class_weights"), counts, k), spec.get("scale", 30.0),
+                   spec.get("margin", 0.3))
+
+
+LOSSES = {"ce": _build_ce, "focal": _build_focal, "soft_f1": _build_soft_f1, "bce": _build_bce,
+          "asl": _build_asl, "arcface": _build_arcface}
 
 
 def build_task_loss(task: str, spec: dict, counts) -> nn.Module:

@@ -16,6 +16,7 @@ import difflib
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtl import labels
@@ -38,7 +39,45 @@ class LinearHead(nn.Module):
         return self.fc(self.drop(pooled))
 
 
-HEADS = {"linear": LinearHead}
+class MLDecoderHead(nn.Module):
+    """ML-Decoder-style head (Ridnik et al. 2023): one learned query per output cross-attends to the trunk's
+    unpooled tokens (no self-attention), then a feed-forward block and a per-query ("group") linear map."""
+
+    def __init__(self, in_features, out_features, dropout=0.1, dim=256, num_heads=8, ff_dim=1024, **_):
+        super().__init__()
+        self.proj = nn.Linear(in_features, dim)
+        self.queries = nn.Parameter(torch.randn(out_features, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+        self.drop = nn.Dropout(dropout)
+        self.group_weight = nn.Parameter(torch.randn(out_features, dim) * dim ** -0.5)
+        self.group_bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, feature_map, pooled):
+        tokens = feature_map.flatten(2).transpose(1, 2) if feature_map.ndim == 4 else feature_map  # CNN or ViT
+        memory = torch.relu(self.proj(tokens))
+        q = self.queries.unsqueeze(0).expand(len(tokens), -1, -1)
+        q = self.norm1(q + self.drop(self.attn(q, memory, memory, need_weights=False)[0]))
+        q = self.norm2(q + self.drop(self.ff(q)))
+        return (q * self.group_weight).sum(-1) + self.group_bias
+
+
+class CosineHead(nn.Module):
+    """ArcFace's head: scale * cos(angle between the feature and each class centre); the margin is the loss's."""
+
+    def __init__(self, in_features, out_features, dropout=0.2, scale=30.0, **_):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) * in_features ** -0.5)
+        self.scale = float(scale)
+
+    def forward(self, feature_map, pooled):
+        cosine = F.linear(F.normalize(self.drop(pooled), dim=1), F.normalize(self.weight, dim=1))
+        return self.scale * cosine
+
+
+HEADS = {"linear": LinearHead, "ml_decoder": MLDecoderHead}
 
 
 class Trunk(nn.Module):
@@ -57,12 +96,16 @@ class Trunk(nn.Module):
 class TaskModel(nn.Module):
     """Trunks and heads wired by a plan: {output name: index of the trunk that feeds it}."""
 
-    def __init__(self, trunks, plan, head="linear", head_dropout=0.2):
+    def __init__(self, trunks, plan, head="linear", head_dropout=0.2, cosine=None):
         super().__init__()
         self.trunks = nn.ModuleList(trunks)
         self.plan = dict(plan)
-        self.heads = nn.ModuleDict({name: HEADS[head](self.trunks[t].num_features, OUTPUT_SIZES[name],
-                                                      dropout=head_dropout) for name, t in self.plan.items()})
+        cosine = cosine or {}
+        self.heads = nn.ModuleDict({
+            name: (CosineHead(self.trunks[t].num_features, OUTPUT_SIZES[name], head_dropout, scale=cosine[name])
+                   if name in cosine else
+                   HEADS[head](self.trunks[t].num_features, OUTPUT_SIZES[name], dropout=head_dropout))
+            for name, t in self.plan.items()})
 
     def forward(self, x):
         features = [trunk(x) for trunk in self.trunks]
@@ -132,19 +175,24 @@ def create_backbone(name, pretrained=True, pretrained_file=None, drop_path_rate=
 
 
 def create_model(model="efficientnet_b3", arch="multihead", pretrained=True, pretrained_file=None, head="linear",
-                 head_dropout=0.2, drop_path_rate=0.0, age_reg=False) -> TaskModel:
-    """Build an architecture by name around a timm trunk."""
+                 head_dropout=0.2, drop_path_rate=0.0, age_reg=False, cosine=None) -> TaskModel:
+    """Build an architecture by name around a timm trunk; `cosine` maps outputs to ArcFace cosine heads' scales."""
     n_trunks, plan = plan_for(arch, age_reg)
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}; known: {', '.join(sorted(HEADS))}")
     trunks = [Trunk(create_backbone(model, pretrained, pretrained_file, drop_path_rate)) for _ in range(n_trunks)]
-    return TaskModel(trunks, plan, head=head, head_dropout=head_dropout)
+    return TaskModel(trunks, plan, head=head, head_dropout=head_dropout, cosine=cosine)
 
 
-def model_from_config(cfg) -> TaskModel:
-    """The model a TrainConfig describes."""
-    return create_model(cfg.model, cfg.arch, cfg.pretrained, cfg.pretrained_file, cfg.head, cfg.head_dropout,
-                        cfg.drop_path_rate, cfg.age_reg_weight > 0)
+def model_from_config(cfg, pretrained=None) -> TaskModel:
+    """The model a TrainConfig (or a checkpoint's config dict) describes; pretrained=False skips any download."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda key, default=None: getattr(cfg, key, default))
+    cosine = {task: float(spec.get("scale", 30.0)) for task, spec in (get("losses") or {}).items()
+              if spec.get("name") == "arcface"}
+    use_pretrained = get("pretrained", True) if pretrained is None else pretrained
+    return create_model(get("model"), get("arch"), use_pretrained, get("pretrained_file") if use_pretrained else None,
+                        get("head", "linear"), get("head_dropout", 0.2), get("drop_path_rate", 0.0),
+                        get("age_reg_weight", 0) > 0, cosine)
 
 
 def normalization(model: TaskModel) -> tuple[list, list]:

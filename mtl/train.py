@@ -298,6 +298,12 @@ def setup(cfg: TrainConfig, log=print) -> dict:
     train_set = FaceDataset(fold.train_samples, fold.train_images, train_transform(preprocess, cfg.augment),
                             cfg.age_threshold)
     val_set = FaceDataset(fold.val_samples, fold.val_images, eval_transform(preprocess), cfg.age_threshold)
+    if cfg.oversample_old:
+        old_rows = np.flatnonzero(train_set.age_group == 2)
+        train_set = train_set.oversampled(old_rows, cfg.oversample_old,
+                                          train_transform(preprocess, cfg.oversample_augment))
+        log(f"--oversample-old {cfg.oversample_old}: {len(old_rows)} photos of people aged {cfg.age_threshold}+ "
+            f"repeated {cfg.oversample_old} more time(s) with the {cfg.oversample_augment!r} augmentation")
 
     loss_fn = build_loss(cfg.losses, cfg.arch, class_counts(train_set.targets()), cfg.loss_weights,
                          cfg.loss_weighting, cfg.age_reg_weight).to(device)
@@ -367,7 +373,7 @@ def train_loader_for(state, epoch):
         sampler.set_epoch(epoch)
     else:
         sampler = torch.utils.data.RandomSampler(train_set, generator=gen)
-    train_set.transform.set_random_seed(cfg.seed * 1000 + epoch)  # used when workers == 0
+    train_set.set_random_seed(cfg.seed * 1000 + epoch)  # used when workers == 0
     torch.manual_seed(cfg.seed * 1000 + epoch)
     return make_loader(train_set, cfg.batch_size, cfg.workers, sampler=sampler, generator=gen,
                        drop_last=len(train_set) > cfg.batch_size * world, device=state["device"])

@@ -88,7 +88,10 @@ AUGMENTATIONS = {
     "none": lambda: [],
     "flip": _flip,
     "baseline": lambda: _flip() + _geometry() + _photometric(),
+    "color": lambda: _flip() + _geometry() + _camera()[:2],
+    "cutout": lambda: _flip() + _geometry() + _photometric() + _cutout(),
     "strong": lambda: _flip() + _geometry() + _photometric() + _camera() + _cutout(),
+    # NOTE: a participant's idea that helped age: shuffled tiles make the model read texture (skin, hair), not layout
     "gridshuffle": lambda: _flip() + _photometric() + [A.RandomGridShuffle(grid=(3, 3), p=0.5)],
 }
 
