@@ -1,4 +1,9 @@
-"""Batched inference: one forward pass answers all three tasks; shared by validation and predict.py."""
+"""Batched inference: one forward pass answers all three tasks; shared by validation, predict.py and mtl.soup.
+
+`predict_probs` runs one model over a loader under torch.inference_mode (AMP and channels_last when
+asked, hflip TTA averaged); `predict_probs_many` runs an ensemble's models over the same batches, so
+each photo is read and transformed once for all members that share a preprocessing record.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mtl.errors import ConfigError
 from mtl.metrics import head_probs
 
 TTA = ("hflip",)
@@ -45,9 +51,8 @@ def seed_worker(worker_id):
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
+    if info is not None and hasattr(info.dataset, "set_random_seed"):
+        info.dataset.set_random_seed(seed)
 
 
 def make_loader(dataset, batch_size, workers=2, shuffle=False, sampler=None, generator=None, drop_last=False,
@@ -64,20 +69,46 @@ def to_device(images, device, channels_last=False):
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-@torch.inference_mode()
+def check_tta(names) -> tuple:
+    """The TTA views to average, as a tuple; 'none' or nothing means no TTA; an unknown name is a ConfigError."""
+    names = tuple(n for n in (names or ()) if n not in ("none", ""))
+    unknown = [n for n in names if n not in TTA]
+    if unknown:
+        raise ConfigError(f"unknown --tta {', '.join(unknown)}; known: none, {', '.join(TTA)}")
+    return names
+
+
+def prepare_model(model, device, channels_last=False):
+    """Move a model to the device in eval mode (channels_last memory on request)."""
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def predict_probs(model, loader, device, dtype=None, channels_last=False, tta=(), progress=False,
                   desc="predicting") -> dict:
     """Per-task probabilities (numpy) for every sample of the loader, in loader order; TTA views are averaged."""
-    model.eval()
-    chunks = {}
+    return predict_probs_many([model], loader, device, dtype, channels_last, tta, progress, desc)[0]
+
+
+@torch.inference_mode()
+def predict_probs_many(models, loader, device, dtype=None, channels_last=False, tta=(), progress=False,
+                       desc="predicting") -> list[dict]:
+    """predict_probs for several models in one pass over the loader: each batch is decoded and transformed once."""
+    for model in models:
+        model.eval()
+    chunks = [{} for _ in models]
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False):
         images = to_device(batch["image"], device, channels_last)
-        views = [images] + ([torch.flip(images, dims=[3])] if "hflip" in tta else [])
-        probs = None
-        for view in views:
-            with autocast(device, dtype):
-                p = head_probs(model(view))
-            probs = p if probs is None else {k: probs[k] + p[k] for k in probs}
-        for key, value in probs.items():
-            chunks.setdefault(key, []).append((value / len(views)).float().cpu().numpy())
-    return {key: np.concatenate(parts) for key, parts in chunks.items()}
+        views = [images]
+        if "hflip" in tta:
+            flipped = torch.flip(images, dims=[3])
+            views.append(flipped.contiguous(memory_format=torch.channels_last) if channels_last else flipped)
+        for model, out in zip(models, chunks):
+            probs = None
+            for view in views:
+                with autocast(device, dtype):
+                    p = head_probs(model(view))
+                probs = p if probs is None else {k: probs[k] + p[k] for k in probs}
+            for key, value in probs.items():
+                out.setdefault(key, []).append((value / len(views)).float().cpu().numpy())
+    return [{key: np.concatenate(parts) for key, parts in out.items()} for out in chunks]

@@ -54,16 +54,17 @@ def macro_f1(y_true, y_pred) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
-def score(probs: dict, truth: dict, age_threshold: int) -> dict:
+def score(probs: dict, truth: dict, age_threshold: int, pred=None) -> dict:
     """Validation metrics from numpy probabilities and truth {'mask','gender','age'(years)}.
 
     Keys: f1 (18-class macro F1, the competition metric), acc, {task}_f1, {task}_acc, and with an
     age-regression head age_reg_mae, age_reg_f1/acc (age group read off the regressed age) and
-    f1_age_reg (18-class F1 with that age group).
+    f1_age_reg (18-class F1 with that age group). `pred` gives the 18-class answers when they do not come from
+    recombining probs (a hard-voting ensemble).
     """
     mask, gender = np.asarray(truth["mask"]), np.asarray(truth["gender"])
     age_grp = labels.age_group(np.asarray(truth["age"]), age_threshold)
-    pred = predict_classes(probs)
+    pred = predict_classes(probs) if pred is None else np.asarray(pred)
     pm, pg, pa = labels.decode(pred)
     true_joint = labels.encode(mask, gender, age_grp)
     out = {"f1": macro_f1(true_joint, pred), "acc": float(accuracy_score(true_joint, pred))}

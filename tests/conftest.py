@@ -6,6 +6,8 @@ own decoded-image cache folder).
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # NOTE: before timm / huggingface_hub are imported
+# NOTE: tiny models run fastest on one thread; two threads on a busy 2-core machine were 20x slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,171 @@
+"""Greedy model soup (Wortsman et al. 2022): average the weights of fine-tuned models that help on validation.
+
+    python -m mtl.soup --checkpoints runs/a/best.pt runs/b/best.pt 'runs/c*/best.pt' --data DATA --fold 0 --out soup.pt
+
+1) every ingredient (same architecture, trunk, head and preprocessing) is scored on one fold's
+   validation people; 2) they are sorted by 18-class macro F1, best first; 3) starting from the best,
+   each next ingredient is tried: the soup becomes the uniform average of the kept ingredients'
+   weights plus this one; 4) it is kept only if the validation F1 does not drop. The soup is written
+   as a checkpoint like train's best.pt, plus 'soup' (the ingredient paths kept) and 'soup_validation'
+   (the fold and the table of decisions), so predict.py loads it like any other. By construction the
+   soup never scores below its best ingredient on the fold it was built on - which is also why that
+   fold's score is optimistic for the soup: judge it on another fold or on the leaderboard.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mtl import checkpoint as ckpt_io
+from mtl.errors import ConfigError
+from mtl.predict import check_face_crop, check_output, load_members, load_size_of, truth_of, validation_fold
+
+SAME_KEYS = ("arch", "model", "head")
+
+
+def check_ingredients(members):
+    """Raise unless every ingredient has the first one's architecture, trunk, head, age regression and preprocessing."""
+    first = members[0]
+    for other in members[1:]:
+        for key in SAME_KEYS:
+            if other["config"].get(key) != first["config"].get(key):
+                raise ConfigError(f"{other['path']} has --{key} {other['config'].get(key)} but {first['path']} has "
+                                  f"{first['config'].get(key)}: a soup averages the weights of one architecture")
+        differ = sorted(set(other["model"]) ^ set(first["model"]))
+        if differ:
+            raise ConfigError(f"{other['path']} and {first['path']} hold different parameters ({len(differ)} differ, "
+                              f"e.g. {differ[0]}; age regression on in one only?): their weights cannot be averaged")
+        if other["preprocess"] != first["preprocess"]:
+            raise ConfigError(f"{other['path']} was trained with preprocessing {other['preprocess']} but "
+                              f"{first['path']} with {first['preprocess']}: a soup has one input pipeline")
+
+
+def average_states(states) -> dict:
+    """Uniform average of state dicts; integer buffers (e.g. BatchNorm's num_batches_tracked) are the first's."""
+    out = {}
+    for key, value in states[0].items():
+        if torch.is_floating_point(value):
+            total = sum(s[key].double() for s in states)
+            out[key] = (total / len(states)).to(value.dtype)
+        else:
+            out[key] = value.clone()
+    return out
+
+
+class SoupScorer:
+    """Scores weights on one fold's validation photos: the loader, device and model are built once."""
+
+    def __init__(self, template, samples, images, batch_size=64, workers=2, device="auto", amp="auto", tta=(),
+                 progress=True):
+        from mtl.dataset import FaceDataset
+        from mtl.inference import amp_dtype, make_loader, prepare_model, resolve_device
+        from mtl.transforms import eval_transform
+        self.device = resolve_device(device)
+        self.dtype, self.channels_last = amp_dtype(amp, self.device), self.device.type == "cuda"
+        self.tta, self.progress = tta, progress
+        self.threshold = ckpt_io.threshold(template)
+        dataset = FaceDataset(samples, images, eval_transform(template["preprocess"]), self.threshold)
+        self.loader = make_loader(dataset, batch_size, workers, device=self.device)
+        self.truth = {k: v for k, v in truth_of(samples, self.threshold).items() if k in ("mask", "gender", "age")}
+        self.model = prepare_model(ckpt_io.build_model(template), self.device, self.channels_last)
+
+    def __call__(self, state: dict, desc="scoring") -> dict:
+        """Validation metrics (metrics.score) of these weights."""
+        from mtl.inference import predict_probs
+        from mtl.metrics import score
+        from mtl.model import clean_state_dict
+        self.model.load_state_dict(clean_state_dict(state))
+        probs = predict_probs(self.model, self.loader, self.device, self.dtype, self.channels_last, self.tta,
+                              self.progress, desc)
+        return score(probs, self.truth, self.threshold)
+
+
+def greedy_soup(members, scorer, log=print) -> dict:
+    """Steps 1-4 of the module docstring; returns {'state', 'metrics', 'kept', 'table'}."""
+    from mtl.model import clean_state_dict
+    states = [clean_state_dict(m["model"]) for m in members]
+    scores = [scorer(state, f"ingredient {i + 1}/{len(members)}") for i, state in enumerate(states)]
+    order = sorted(range(len(members)), key=lambda i: -scores[i]["f1"])  # NOTE: stable, ties keep the given order
+    kept, soup_state, soup_metrics = [order[0]], states[order[0]], scores[order[0]]
+    table = [{"path": members[order[0]]["path"], "f1": scores[order[0]]["f1"], "soup_f1": soup_metrics["f1"],
+              "kept": True}]
+    for i in order[1:]:
+        candidate = average_states([states[k] for k in kept + [i]])
+        metrics = scorer(candidate, f"soup + ingredient {len(table) + 1}/{len(members)}")
+        keep = metrics["f1"] >= soup_metrics["f1"]
+        table.append({"path": members[i]["path"], "f1": scores[i]["f1"], "soup_f1": metrics["f1"], "kept": keep})
+        if keep:
+            kept.append(i)
+            soup_state, soup_metrics = candidate, metrics
+    log(format_table(table))
+    return {"state": soup_state, "metrics": soup_metrics, "kept": kept, "table": table, "scores": scores}
+
+
+def format_table(table) -> str:
+    width = max(len(row["path"]) for row in table)
+    lines = [f"{'ingredient':<{width}}  {'own F1':>7}  {'soup F1 with it':>15}  decision"]
+    for n, row in enumerate(table):
+        decision = "start (best)" if n == 0 else ("kept" if row["kept"] else "dropped (F1 would drop)")
+        lines.append(f"{row['path']:<{width}}  {row['f1']:7.4f}  {row['soup_f1']:15.4f}  {decision}")
+    return "\n".join(lines)
+
+
+def make_soup(args, log=print) -> dict:
+    """Check every input, score the ingredients, build the greedy soup and write it as a checkpoint."""
+    from mtl.inference import check_tta
+    tta = check_tta(args.tta)
+    members = load_members(args.checkpoints)
+    check_ingredients(members)
+    out = check_output(args.out)
+    check_face_crop(members, args.data, log)
+    samples, sources, split = validation_fold(members, args.data, args.fold, args.folds, args.seed, args.relabel,
+                                              args.cache_dir, args.cache, args.workers, args.progress,
+                                              args.skip_bad, log)
+    log(f"greedy soup of {len(members)} ingredient(s) on fold {split[0]} of {split[1]} (seed {split[2]}): "
+        f"{len(samples)} photos of {samples['person_id'].nunique()} people")
+    scorer = SoupScorer(members[0], samples, sources[load_size_of(members[0])], args.batch_size, args.workers,
+                        args.device, args.amp, tta, args.progress)
+    soup = greedy_soup(members, scorer, log)
+    best = members[soup["kept"][0]]
+    validation = {"fold": split[0], "folds": split[1], "seed": split[2], "tta": list(tta), "table": soup["table"]}
+    ckpt_io.save({"model": soup["state"], "config": best["config"], "schema": best["schema"],
+                  "preprocess": best["preprocess"], "epoch": best.get("epoch"), "metrics": soup["metrics"],
+                  "soup": [members[i]["path"] for i in soup["kept"]], "soup_validation": validation}, out)
+    log(f"wrote {out}: soup of {len(soup['kept'])} of {len(members)} ingredient(s), validation 18-class F1 "
+        f"{soup['metrics']['f1']:.4f} (best ingredient {soup['table'][0]['f1']:.4f})")
+    return soup
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtl.soup", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", "--checkpoint", nargs="+", action="extend", required=True, metavar="PATH",
+                        help="ingredient checkpoints or globs (same architecture, trunk, head and preprocessing)")
+    parser.add_argument("--data", default="data", help="data folder the ingredients were trained on")
+    parser.add_argument("--out", default="soup.pt", help="soup checkpoint to write (default: soup.pt)")
+    parser.add_argument("--fold", type=int, help="validation fold (default: the first ingredient's)")
+    parser.add_argument("--folds", type=int, help="number of folds (default: the first ingredient's)")
+    parser.add_argument("--seed", type=int, help="fold seed (default: the first ingredient's)")
+    parser.add_argument("--relabel", help="relabel CSV for the truth (default: the first ingredient's; 'none')")
+    parser.add_argument("--skip-bad", action="store_const", const=True,
+                        help="leave out bad photos (default: as the first ingredient was trained)")
+    parser.add_argument("--tta", nargs="+", default=["none"], help="score with TTA: none (default) or hflip")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    parser.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
+    parser.add_argument("--no-cache", dest="cache", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def main(argv=None) -> dict:
+    """python -m mtl.soup: parse the command line (argv, default sys.argv) and make the soup."""
+    return make_soup(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    from mtl.cli import main_guard
+    main_guard(main)
