@@ -1,0 +1,240 @@
+"""tune.py: a study over mtl's own training loop writes every output, continues where it stopped, survives
+failed and interrupted trials, prunes, and runs as parallel worker processes on one journal.
+
+Real training runs on a 30-person synthetic set made by the same generator (an epoch of the session's
+120-person set costs ~15 CPU seconds, too much for nine epochs here). The resume, failure and pruning
+tests replace mtl.train.train with a scripted stand-in: trial n reports the F1 curve 0.9 - 0.1 n + 0.01 epoch,
+so later trials are worse and the median pruner's choices are known in advance.
+"""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from conftest import TINY
+
+import mtl.train
+from mtl import config, tuning
+from mtl.cli import main_guard
+from mtl.train import TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = {"loss_weights": {"type": "loss_weights", "low": 0.2, "high": 5.0},
+         "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
+
+
+@pytest.fixture(scope="module")
+def tune_data(tmp_path_factory):
+    from data_tools.make_synthetic import make_synthetic
+    return make_synthetic(tmp_path_factory.mktemp("tune") / "data", people=30, seed=1, eval_people=4,
+                          size=(48, 64), progress=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny base config (TINY at 32x40, no photo grids) and the search space, as the YAML files a user would write."""
+    folder = tmp_path_factory.mktemp("tune_files")
+    base, space = folder / "tiny.yaml", folder / "space.yaml"
+    base.write_text(yaml.safe_dump({**TINY, "img_size": [32, 40], "log_images": 0}))
+    space.write_text(yaml.safe_dump(SPACE))
+    return {"config": base, "space": space}
+
+
+@pytest.fixture(scope="module")
+def args(files, tune_data, cache_dir):
+    """tune.py's arguments for a study in `out` (each test adds --trials and more)."""
+    def make(out, *more):
+        return ["--config", str(files["config"]), "--space", str(files["space"]), "--data", str(tune_data),
+                "--cache-dir", str(cache_dir), "--out", str(out), *map(str, more)]
+    return make
+
+
+def run_tune(argv):
+    """tune.py's main in this process, with its exit code (0 when it returns)."""
+    import tune
+    try:
+        main_guard(lambda: tune.main(argv))
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def trials_csv(out):
+    return pd.read_csv(Path(out) / "trials.csv")
+
+
+def scripted_train(fail_on=(), interrupt_on=()):
+    """A stand-in for mtl.train.train (see the module docstring); trials in fail_on get a NaN loss at epoch 2."""
+    def train(cfg, on_epoch=None, log=print):
+        n = int(Path(cfg.out).name)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        f1s = []
+        for epoch in range(1, cfg.epochs + 1):
+            if n in fail_on and epoch == 2:
+                raise TrainingError(f"loss became nan at epoch {epoch}, step 7 (batch 3); try a lower --lr")
+            if n in interrupt_on:
+                raise KeyboardInterrupt
+            f1s.append(0.9 - 0.1 * n + 0.01 * epoch)
+            on_epoch(epoch, {"f1": f1s[-1]})
+        return {"out": cfg.out, "best_f1": max(f1s), "best_epoch": len(f1s), "metrics": {"f1": max(f1s)},
+                "epochs_run": len(f1s)}
+    return train
+
+
+# ---------------------------------------------------------------- real training
+@pytest.fixture(scope="module")
+def real_study(args, tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "study"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run_tune(args(out, "--trials", 4, "--epochs", 1)) == 0
+    (out / "printed.txt").write_text(printed.getvalue())
+    return out
+
+
+def test_study_writes_every_output(real_study):
+    table = trials_csv(real_study)
+    assert list(table["number"]) == [0, 1, 2, 3] and set(table["state"]) == {"COMPLETE"}
+    assert table["f1"].between(0, 1).all() and (table["epochs_run"] == 1).all()
+    weights = table["loss_weights"].map(yaml.safe_load)
+    assert all(abs(sum(w) - 3) < 1e-3 for w in weights), weights  # normalized: only the ratios are searched
+    assert table["lr"].between(1e-3, 1e-2).all()
+    for name in ("study.db", "best.yaml", "history.png", "importances.png", "base_config.yaml", "search_space.yaml"):
+        assert (real_study / name).stat().st_size > 0, name
+    for n in range(4):  # each trial's own run: config, best weights and TensorBoard logs (hparams included)
+        run = real_study / "trials" / str(n)
+        assert (run / "config.yaml").is_file() and (run / "best.pt").is_file() and not (run / "last.pt").exists()
+        assert list(run.glob("events.out.tfevents.*"))
+    printed = (real_study / "printed.txt").read_text()
+    assert "top trials of study 'mtl':" in printed and " rank  trial " in printed and "4 complete" in printed
+    board = real_study / "tensorboard"
+    assert list(board.glob("events.out.tfevents.*"))  # study/f1 and study/best_f1 by trial number
+    assert sorted(p.name for p in board.iterdir() if p.is_dir()) == [f"trial_{n:04d}" for n in range(4)]
+
+
+def test_best_yaml_trains(real_study, tmp_path, monkeypatch):
+    best = yaml.safe_load((real_study / "best.yaml").read_text())
+    table = trials_csv(real_study)
+    top = table.loc[table["f1"].idxmax()]
+    assert best["out"] is None and best["lr"] == pytest.approx(top["lr"])
+    assert best["loss_weights"] == yaml.safe_load(top["loss_weights"])
+    import train_multitask
+    monkeypatch.setattr(sys, "argv", ["train_multitask.py", "--config", str(real_study / "best.yaml"),
+                                      "--epochs", "1", "--out", str(tmp_path / "run")])
+    train_multitask.main()
+    assert (tmp_path / "run" / "best.pt").is_file()
+    assert config.load_yaml(tmp_path / "run" / "config.yaml")["loss_weights"] == best["loss_weights"]
+
+
+def test_two_workers_share_one_journal(args, tmp_path):
+    out = tmp_path / "study"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "tune.py", *args(out, "--trials", 4, "--epochs", 1, "--workers", 2)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (out / "journal.log").is_file() and not (out / "study.db").exists()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "journal.log")))
+    trials = optuna.load_study(study_name="mtl", storage=storage).get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]  # none lost, none twice, none beyond --trials
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers trained
+    assert (out / "best.yaml").is_file() and len(trials_csv(out)) == 4
+
+
+# ---------------------------------------------------------------- scripted training
+def test_rerun_continues_and_stops_at_trials(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mtl.train, "train", scripted_train())
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 0
+    assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 0  # finished: nothing new
+    assert "3 of 3 trials finished; nothing to run" in capsys.readouterr().out
+    assert list(trials_csv(out)["number"]) == [0, 1, 2]
+    assert run_tune(args(out, "--trials", 5, "--epochs", 2, "--pruner", "none")) == 0  # only the difference
+    table = trials_csv(out)
+    assert list(table["number"]) == [0, 1, 2, 3, 4] and set(table["state"]) == {"COMPLETE"}
+
+
+def test_failed_trial_is_recorded_and_the_study_goes_on(args, tmp_path, monkeypatch):
+    monkeypatch.setattr(mtl.train, "train", scripted_train(fail_on={1}))
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 0
+    table = trials_csv(out).set_index("number")
+    assert list(table["state"]) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # 3 finished, as asked
+    assert table.loc[1, "fail_reason"].startswith("TrainingError: loss became nan at epoch 2")
+    assert table.loc[1, "epochs_run"] == 1
+
+
+def test_trials_failing_in_a_row_stop_the_study(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mtl.train, "train", scripted_train(fail_on=range(100)))
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 5, "--epochs", 2, "--max-failures", 2)) == 2
+    assert "2 trials in a row failed (last: TrainingError: loss became nan" in capsys.readouterr().err
+    assert list(trials_csv(out)["state"]) == ["FAIL", "FAIL"]
+
+
+def test_interrupted_study_is_kept_and_resumes(args, tmp_path, monkeypatch):
+    monkeypatch.setattr(mtl.train, "train", scripted_train(interrupt_on={1}))
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 130
+    table = trials_csv(out)
+    assert list(table["state"]) == ["COMPLETE", "FAIL"] and table["fail_reason"][1] == "interrupted (Ctrl-C)"
+    monkeypatch.setattr(mtl.train, "train", scripted_train())
+    assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 0
+    assert list(trials_csv(out)["state"]) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_median_pruner_stops_weak_trials_early(args, tmp_path, monkeypatch):
+    monkeypatch.setattr(mtl.train, "train", scripted_train())
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 8, "--epochs", 4)) == 0
+    table = trials_csv(out).set_index("number")
+    assert list(table.index[table["state"] == "PRUNED"]) == [5, 6, 7]  # each worse than the median
+    # the median pruner waits for 5 trials and judges from epoch 2 on, so each pruned trial ran 2 of 4 epochs
+    assert list(table["epochs_run"]) == [4, 4, 4, 4, 4, 2, 2, 2]
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}}, "unknown key 'learning_rate'"),
+    ({"lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}}, "lr: unknown type 'uniform'"),
+    ({"lr": {"type": "float", "low": 1e-3, "high": 1e-4}}, "lr: low (0.001) must be below high"),
+    ({"losses.age.gamma": {"type": "float", "low": 0.5, "high": 2.0}}, "has no option(s) gamma"),
+    ({"fold": {"type": "int", "low": 0, "high": 4}}, "fold cannot be searched"),
+])
+def test_bad_search_space_is_refused_before_any_trial(args, tmp_path, capsys, space, message):
+    path = tmp_path / "bad_space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = tmp_path / "study"
+    assert run_tune([*args(out, "--trials", 2), "--space", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "bad_space.yaml" in err, err
+    assert not (out / "trials").exists()
+
+
+# ---------------------------------------------------------------- search space
+def test_sampled_values_become_a_config(tune_data):
+    space = tuning.load_space(ROOT / "configs" / "search_space_wide.yaml")
+    base = config.build({"data": str(tune_data)}, ROOT / "configs" / "default.yaml")
+    trial = optuna.trial.FixedTrial({"loss_weight_mask": 1.0, "loss_weight_gender": 2.0, "loss_weight_age": 1.0,
+                                     "lr": 1e-3, "weight_decay": 0.01, "losses.age.name": "focal",
+                                     "losses.age.gamma": 2.0, "age_threshold": 59, "augment": "baseline"})
+    values = tuning.sample(trial, space, base.losses)
+    assert values["loss_weights"] == [0.75, 1.5, 0.75]  # ratios 1:2:1, normalized to sum 3
+    assert "losses.age.label_smoothing" not in values  # focal takes no label smoothing: left out of this trial
+    cfg = config.build({"data": str(tune_data), **tuning.to_overrides(values, base.losses)},
+                       ROOT / "configs" / "default.yaml")
+    assert cfg.losses["age"] == {"name": "focal", "gamma": 2.0, "class_weights": "balanced"}
+    assert cfg.losses["mask"] == base.losses["mask"] and cfg.age_threshold == 59
+
+
+@pytest.mark.parametrize("name", ["search_space.yaml", "search_space_wide.yaml"])
+def test_shipped_search_spaces_fit_the_default_config(tune_data, name):
+    settings = tuning.check_settings(tuning.TuneSettings(space=str(ROOT / "configs" / name),
+                                                         config=str(ROOT / "configs" / "default.yaml"),
+                                                         overrides={"data": str(tune_data)}))
+    tuning.check_space(tuning.load_space(settings.space), settings, settings.space)
