@@ -1,0 +1,210 @@
+"""Pseudo-labels: label the eval photos a trained model is sure about, for a second round of training.
+
+Use it only where the competition's rules allow it: training on the test (eval) photos, even without their
+true labels, is forbidden by many competitions. Check the rules before submitting a model trained this way.
+
+The checkpoint(s) (several, or globs, make a soft ensemble, exactly as in predict.py: same checks, same
+preprocessing, same forward pass) predict every photo of DATA/eval/info.csv. Each task is judged on its
+own: a photo gets the task's most likely class when that probability is at least --min-confidence (or
+the task's own --min-confidence-mask/-gender/-age), and -1 (unknown) otherwise, so its loss is masked
+out in training. Photos where no task passes the bar are left out. OUT is the partial-label table of
+data_tools.import_faces (path,mask,gender,age,person_id; see mtl.data.read_extra), with person_id
+`pseudo:<ImageID>`, and a second round adds it with
+
+    python -m data_tools.pseudo_label --checkpoint runs/NAME/best.pt --data DATA --min-confidence 0.9 --out extra.csv
+    python train_multitask.py --data DATA --extra extra.csv --age-threshold <the checkpoint's>
+
+The table stores an age in years but the model predicts an age group, so the age is a stand-in for the
+group: the model's regressed age (rounded) when it has an age-regression head and that age falls in the
+confident group, else a fixed age inside the group (`stand_in_ages`: 25 for <30, the middle of 30..threshold-1,
+threshold+5 for the top group). Either way `labels.age_group(age, threshold)` gives back the predicted
+group at the checkpoint's threshold; train the second round with that same --age-threshold.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mtl import data, labels
+from mtl.cli import main_guard
+from mtl.errors import ConfigError, DataError
+
+DEFAULT_MIN_CONFIDENCE = 0.9
+PERSON_PREFIX = "pseudo:"
+SOURCE = "pseudo"
+LEGITIMACY = ("Training on test photos is only legitimate where the competition allows it; check the rules "
+              "before submitting a model trained on these labels.")
+
+
+# ---------------------------------------------------------------- labels from probabilities
+def stand_in_ages(age_threshold: int) -> np.ndarray:
+    """The age in years written for each age group (0, 1, 2) when no usable regressed age is at hand."""
+    # NOTE: 25 stays <30 and the middle of 30..threshold-1 stays in the middle group at nearby thresholds
+    return np.array([25, (labels.YOUNG_BELOW + age_threshold) // 2, age_threshold + 5], dtype=np.int64)
+
+
+def check_bars(min_confidence, per_task=None) -> dict:
+    """{task: bar}: --min-confidence for every task unless the task's own bar is given; each must be in 0..1."""
+    bars = {}
+    for task in labels.TASKS:
+        own = (per_task or {}).get(task)
+        bar = float(min_confidence if own is None else own)
+        if not 0.0 <= bar <= 1.0:
+            flag = "--min-confidence" + (f"-{task}" if own is not None else "")
+            raise ConfigError(f"{flag} must be a probability from 0 to 1, got {bar:g}")
+        bars[task] = bar
+    return bars
+
+
+def pseudo_labels(probs: dict, bars: dict, age_threshold: int, use_age_reg=True) -> dict:
+    """Per-task probabilities -> {task: label per photo, -1 below the task's bar; task_confidence: its probability;
+    'age': age in years (-1 unknown), 'age_from_reg': whether the regressed age was used}."""
+    out = {}
+    for task in labels.TASKS:
+        p = np.asarray(probs[task], dtype=np.float64)
+        best, confidence = p.argmax(1), p.max(1)
+        out[task] = np.where(confidence >= bars[task], best, labels.UNKNOWN).astype(np.int64)
+        out[f"{task}_confidence"] = confidence
+    group = out["age"]
+    years = np.where(group >= 0, stand_in_ages(age_threshold)[np.maximum(group, 0)], labels.UNKNOWN)
+    from_reg = np.zeros(len(group), dtype=bool)
+    if use_age_reg and "age_reg" in probs:
+        reg = np.asarray(probs["age_reg"], dtype=np.float64).reshape(-1)
+        finite = np.isfinite(reg)
+        rounded = np.where(finite, np.round(reg), -1).astype(np.int64)
+        from_reg = finite & (group >= 0) & (rounded >= 0) & (labels.age_group(rounded, age_threshold) == group)
+        years = np.where(from_reg, rounded, years)
+    out["age"], out["age_group"], out["age_from_reg"] = years.astype(np.int64), group, from_reg
+    return out
+
+
+def pseudo_table(samples: pd.DataFrame, image_ids, found: dict) -> pd.DataFrame:
+    """The sample table of the photos with at least one known task (person_id pseudo:<ImageID>)."""
+    keep = (found["mask"] >= 0) | (found["gender"] >= 0) | (found["age_group"] >= 0)
+    ids = np.asarray(image_ids, dtype=object)
+    rows = [(path, f"{PERSON_PREFIX}{image_id}", Path(path).stem, m, g, a, SOURCE)
+            for path, image_id, m, g, a in zip(samples["image_path"].to_numpy()[keep], ids[keep],
+                                               found["mask"][keep], found["gender"][keep], found["age"][keep])]
+    return data.sample_table(rows)
+
+
+def summary(found: dict, written: int, out: Path, bars: dict, age_threshold: int) -> str:
+    """Per task: photos labelled (per class) and unknown; what was written; how to train with it."""
+    n = len(found["mask"])
+    lines = [f"wrote {out}: {written} of {n} eval photos with at least one confident task "
+             f"({n - written} with none left out)"]
+    for task in labels.TASKS:
+        values = found["age_group" if task == "age" else task]
+        known = ", ".join(f"{name} {int((values == k).sum())}" for k, name in enumerate(labels.TASK_CLASSES[task]))
+        lines.append(f"  {task + ':':8s}{int((values >= 0).sum())} labelled ({known}), "
+                     f"{int((values < 0).sum())} unknown (bar {bars[task]:g})")
+    ages = stand_in_ages(age_threshold)
+    lines.append(f"  age is a stand-in for the group at threshold {age_threshold}: the regressed age for "
+                 f"{int(found['age_from_reg'].sum())} photos, else {ages[0]}, {ages[1]} or {ages[2]}; train with "
+                 f"--age-threshold {age_threshold}")
+    lines.append(f"train with: python train_multitask.py --data DATA --extra {out} --age-threshold {age_threshold}")
+    lines.append(LEGITIMACY)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the run
+def check_args(args):
+    """Raise a ConfigError for flags out of range; returns the per-task bars."""
+    from mtl.inference import check_tta
+    args.tta = check_tta(args.tta)
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
+    return check_bars(args.min_confidence, {t: getattr(args, f"min_confidence_{t}") for t in labels.TASKS})
+
+
+def run(args, log=print) -> dict:
+    """Check every input, predict the eval photos (soft ensemble), keep the confident tasks, write OUT atomically."""
+    # NOTE: mtl.predict imports timm (seconds); imported here so --help and argument errors stay quick
+    from mtl import checkpoint as ckpt_io
+    from mtl.predict import (check_face_crop, check_output, check_weights, combine, load_members, load_size_of,
+                             open_sources, predict_members)
+    bars = check_args(args)
+    out = check_output(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    members = load_members(args.checkpoint)
+    weights = check_weights(args.weights, len(members))
+    age_threshold = ckpt_io.threshold(members[0])
+    check_face_crop(members, args.data, log)
+    info, samples = data.eval_samples(args.data)
+    if len(samples) == 0:
+        raise DataError(f"{Path(args.data) / 'eval' / 'info.csv'} lists no photos")
+    sources = open_sources(samples["image_path"], [load_size_of(m) for m in members], args.cache_dir, args.cache,
+                           args.workers, args.progress)
+    log(f"{len(members)} checkpoint(s), {len(samples)} eval photos, TTA {', '.join(args.tta) or 'none'}, "
+        f"age threshold {age_threshold}; bars " + ", ".join(f"{t} {b:g}" for t, b in bars.items()))
+
+    member_probs = predict_members(members, samples, sources, args.batch_size, args.workers, args.device, args.amp,
+                                   args.tta, args.progress)
+    result = combine(member_probs, weights, "soft")
+    image_ids = info["ImageID"].str.strip().tolist()
+    found = pseudo_labels(result.probs, bars, age_threshold, use_age_reg=args.age_reg)
+    table = pseudo_table(samples, image_ids, found)
+    if len(table) == 0:
+        best = ", ".join(f"{t} {found[f'{t}_confidence'].max():.4f}" for t in labels.TASKS)
+        raise DataError(f"no eval photo reaches the bar on any task (highest probabilities: {best}); nothing "
+                        f"written - lower --min-confidence")
+    data.write_extra(table, out)
+    log(summary(found, len(table), out, bars, age_threshold))
+    return {"members": members, "result": result, "image_ids": image_ids, "labels": found, "table": table,
+            "age_threshold": age_threshold, "out": out}
+
+
+# ---------------------------------------------------------------- command line
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.pseudo_label", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LEGITIMACY)
+    group = parser.add_argument_group("input and output")
+    group.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH", required=True,
+                       help="checkpoint(s) or glob(s), e.g. 'runs/NAME/fold*/best.pt'; several make a soft ensemble")
+    group.add_argument("--data", default="data", help="data folder with eval/info.csv and eval/images (default: data)")
+    group.add_argument("--out", required=True,
+                       help="partial-label CSV to write (its folder must exist); photo paths are relative to its "
+                            "folder when inside it, else absolute")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    group = parser.add_argument_group("which labels to keep")
+    group.add_argument("--min-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE, metavar="P",
+                       help="keep a task's label when the model gives its class at least this probability; else "
+                            f"the task stays unknown (-1) (default {DEFAULT_MIN_CONFIDENCE})")
+    for task in labels.TASKS:
+        group.add_argument(f"--min-confidence-{task}", type=float, metavar="P",
+                           help=f"the bar for {task} alone (default: --min-confidence)")
+    group.add_argument("--no-age-reg", dest="age_reg", action="store_false",
+                       help="write the fixed stand-in age of each group (25, the middle of 30..threshold-1, "
+                            "threshold+5) even when the model regresses age; by default a regressed age that falls "
+                            "in the predicted group is written instead. Either way the age only stands for the group")
+
+    group = parser.add_argument_group("ensemble and TTA")
+    group.add_argument("--weights", type=float, nargs="+", metavar="W",
+                       help="one weight per checkpoint in the soft ensemble (default: equal)")
+    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
+                       help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
+
+    group = parser.add_argument_group("running")
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--workers", type=int, default=2, help="DataLoader and cache-building worker processes")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                       help="autocast dtype: auto is bf16 on CUDA (fp16 where bf16 is missing), off on CPU")
+    group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
+    group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
+    group.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def main(argv=None) -> dict:
+    """python -m data_tools.pseudo_label: parse the command line (argv, default sys.argv) and run."""
+    return run(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main_guard(main)
