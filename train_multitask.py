@@ -16,11 +16,11 @@ import argparse
 from mtl.cli import add_train_arguments, main_guard, overrides_from_args
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", help="YAML config (see configs/); flags override its keys")
     add_train_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from mtl import checkpoint, config
     from mtl.train import train

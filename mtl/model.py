@@ -30,10 +30,10 @@ OUTPUT_SIZES = {"mask": labels.NUM_CLASSES["mask"], "gender": 1, "age": labels.N
 class LinearHead(nn.Module):
     """Dropout + linear layer on the pooled features."""
 
-    def __init__(self, in_features, out_features, dropout=0.2, **_):
+    def __init__(self, map_features, pooled_features, out_features, dropout=0.2, **_):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_features, out_features)
+        self.fc = nn.Linear(pooled_features, out_features)
 
     def forward(self, feature_map, pooled):
         return self.fc(self.drop(pooled))
@@ -43,9 +43,10 @@ class MLDecoderHead(nn.Module):
     """ML-Decoder-style head (Ridnik et al. 2023): one learned query per output cross-attends to the trunk's
     unpooled tokens (no self-attention), then a feed-forward block and a per-query ("group") linear map."""
 
-    def __init__(self, in_features, out_features, dropout=0.1, dim=256, num_heads=8, ff_dim=1024, **_):
+    def __init__(self, map_features, pooled_features, out_features, dropout=0.1, dim=256, num_heads=8, ff_dim=1024,
+                 **_):
         super().__init__()
-        self.proj = nn.Linear(in_features, dim)
+        self.proj = nn.Linear(map_features, dim)
         self.queries = nn.Parameter(torch.randn(out_features, dim) * 0.02)
         self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -66,10 +67,10 @@ class MLDecoderHead(nn.Module):
 class CosineHead(nn.Module):
     """ArcFace's head: scale * cos(angle between the feature and each class centre); the margin is the loss's."""
 
-    def __init__(self, in_features, out_features, dropout=0.2, scale=30.0, **_):
+    def __init__(self, map_features, pooled_features, out_features, dropout=0.2, scale=30.0, **_):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) * in_features ** -0.5)
+        self.weight = nn.Parameter(torch.randn(out_features, pooled_features) * pooled_features ** -0.5)
         self.scale = float(scale)
 
     def forward(self, feature_map, pooled):
@@ -86,7 +87,9 @@ class Trunk(nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
-        self.num_features = backbone.num_features
+        self.map_features = backbone.num_features
+        # NOTE: some trunks (MobileNetV3, LCNet) widen the pooled features with a conv head after pooling
+        self.pooled_features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
     def forward(self, x):
         feature_map = self.backbone.forward_features(x)
@@ -101,10 +104,10 @@ class TaskModel(nn.Module):
         self.trunks = nn.ModuleList(trunks)
         self.plan = dict(plan)
         cosine = cosine or {}
+        dims = [(trunk.map_features, trunk.pooled_features) for trunk in self.trunks]
         self.heads = nn.ModuleDict({
-            name: (CosineHead(self.trunks[t].num_features, OUTPUT_SIZES[name], head_dropout, scale=cosine[name])
-                   if name in cosine else
-                   HEADS[head](self.trunks[t].num_features, OUTPUT_SIZES[name], dropout=head_dropout))
+            name: (CosineHead(*dims[t], OUTPUT_SIZES[name], head_dropout, scale=cosine[name]) if name in cosine
+                   else HEADS[head](*dims[t], OUTPUT_SIZES[name], dropout=head_dropout))
             for name, t in self.plan.items()})
 
     def forward(self, x):

@@ -14,7 +14,9 @@ import pytest  # noqa: E402
 TINY = {"model": "test_efficientnet", "pretrained": False, "img_size": [40, 52], "augment": "flip",
         "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0.2, "workers": 0, "progress": False, "drop_path_rate": 0.0,
         "head_dropout": 0.0, "log_images": 8, "folds": 5, "fold": 0}
-SYNTHETIC_SIZE = (48, 64)
+SYNTHETIC_SIZE = (96, 128)
+# what the shared trained run changes in TINY: enough optimizer steps for a tiny CNN to learn (~1 minute)
+LEARNING = {"model": "test_resnet", "img_size": [48, 64], "batch_size": 16, "epochs": 20, "age_reg_weight": 0.1}
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +26,10 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
-    """A synthetic data set in the competition layout: 120 train people, 30 eval people, 48x64 photos."""
+    """A synthetic data set in the competition layout: 120 train people, 30 eval people, 96x128 photos."""
     from data_tools.make_synthetic import make_synthetic
     out = tmp_path_factory.mktemp("synthetic") / "data"
-    make_synthetic(out, people=120, seed=0, eval_people=30, size=SYNTHETIC_SIZE, progress=False)
+    make_synthetic(out, people=120, seed=0, eval_people=30, size=SYNTHETIC_SIZE, progress=False, workers=2)
     return out
 
 
@@ -49,7 +51,7 @@ def trained_run(synthetic_data, cache_dir, tmp_path_factory):
     from mtl import config
     from mtl.train import train
     out = tmp_path_factory.mktemp("trained") / "run"
-    cfg = config.build({**TINY, "data": str(synthetic_data), "cache_dir": str(cache_dir), "out": str(out),
-                        "epochs": 8, "age_reg_weight": 0.1})
+    cfg = config.build({**TINY, **LEARNING, "data": str(synthetic_data), "cache_dir": str(cache_dir),
+                        "out": str(out)})
     result = train(cfg, log=lambda *_: None)
     return result

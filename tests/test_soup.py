@@ -102,7 +102,7 @@ def test_ingredients_must_share_the_architecture(ingredients, synthetic_data, tm
     with pytest.raises(ConfigError, match="--arch joint18"):
         soup.make_soup(args, log=lambda *_: None)
     other = torch.load(ingredients[1], map_location="cpu", weights_only=True)
-    other["preprocess"]["img_size"] = [48, 64]
+    other["preprocess"]["img_size"] = [56, 72]
     torch.save(other, tmp_path / "bigger.pt")
     args.checkpoints = [str(ingredients[0]), str(tmp_path / "bigger.pt")]
     with pytest.raises(ConfigError, match="preprocessing"):

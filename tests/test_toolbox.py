@@ -42,7 +42,7 @@ def test_heads_and_losses_train_a_few_steps(trunk, size, losses):
 
 
 def test_ml_decoder_reads_the_unpooled_map():
-    head = MLDecoderHead(16, 3, dropout=0.0)
+    head = MLDecoderHead(16, 16, 3, dropout=0.0)
     fmap = torch.randn(2, 16, 4, 4)
     pooled = fmap.mean((2, 3))
     moved = fmap.clone()
@@ -61,7 +61,7 @@ def test_asl_with_zero_gammas_and_no_smoothing_is_cross_entropy():
 
 
 def test_arcface_at_margin_zero_is_scaled_cosine_and_margin_lowers_the_target():
-    head = CosineHead(8, 3, dropout=0.0, scale=30.0)
+    head = CosineHead(8, 8, 3, dropout=0.0, scale=30.0)
     features = torch.randn(5, 8)
     logits = head(None, features)
     cosine = F.normalize(features) @ F.normalize(head.weight).T

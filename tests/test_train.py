@@ -24,9 +24,9 @@ def run_cli(*args, cwd=ROOT):
 
 def test_short_run_learns_on_held_out_people(trained_run):
     # chance is about 1/18 for the 18-class macro F1; held-out people are the validation fold
-    assert trained_run["best_f1"] > 0.35, trained_run["metrics"]
-    assert trained_run["metrics"]["mask_acc"] > 0.8
-    assert trained_run["metrics"]["gender_acc"] > 0.7
+    assert trained_run["best_f1"] > 0.3, trained_run["metrics"]
+    assert trained_run["metrics"]["mask_acc"] > 0.85
+    assert trained_run["metrics"]["gender_acc"] > 0.75
 
 
 def test_run_writes_every_artifact(trained_run):
@@ -36,9 +36,9 @@ def test_run_writes_every_artifact(trained_run):
     assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(trained_run["best_f1"])
     best = checkpoint.load(out / "best.pt")
     assert best["schema"] == labels.schema(60) and best["epoch"] == trained_run["best_epoch"]
-    assert best["preprocess"]["img_size"] == [40, 52] and best["config"]["arch"] == "multihead"
+    assert best["preprocess"]["img_size"] == [48, 64] and best["config"]["arch"] == "multihead"
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in best["model"])
-    assert config.build(config_file=out / "config.yaml").epochs == 8
+    assert config.build(config_file=out / "config.yaml").epochs == 20
     events = EventAccumulator(str(out), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = events.Tags()
     for tag in ("train/loss", "train/loss_mask", "train/loss_gender", "train/loss_age", "train/loss_age_reg",
@@ -53,7 +53,7 @@ def test_run_writes_every_artifact(trained_run):
 def test_checkpoint_rebuilds_the_model(trained_run):
     best = checkpoint.load(Path(trained_run["out"]) / "best.pt")
     model = checkpoint.build_model(best)
-    out = model.eval()(torch.zeros(1, 3, 52, 40))
+    out = model.eval()(torch.zeros(1, 3, 64, 48))
     assert set(out) == {"mask", "gender", "age", "age_reg"}
 
 
@@ -140,17 +140,30 @@ def test_existing_run_is_never_overwritten(trained_run):
     (["--augment", "wild"], "unknown augment preset 'wild'"),
     (["--age-loss", "focal:beta=2"], "has no option(s) beta"),
 ])
-def test_bad_flags_give_one_line_errors(flags, message):
-    result = run_cli("train_multitask.py", "--config", "configs/demo.yaml", *flags)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_flags_give_one_line_errors(flags, message, capsys):
+    import train_multitask
+    from mtl.cli import main_guard
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: train_multitask.main(["--config", str(ROOT / "configs" / "demo.yaml"), *flags]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_resume_from_another_architecture_is_refused(trained_run):
+def test_command_line_error_exits_2_with_one_line():
+    result = run_cli("train_multitask.py", "--config", "configs/demo.yaml", "--age-threshold", "20")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --age-threshold must be from 31 to 99, got 20"
+
+
+def test_resume_from_another_architecture_is_refused(trained_run, capsys):
+    import train_multitask
+    from mtl.cli import main_guard
     last = Path(trained_run["out"]) / "last.pt"
-    result = run_cli("train_multitask.py", "--resume", str(last), "--arch", "joint18")
-    assert result.returncode == 2 and "trained with --arch multihead, not joint18" in result.stderr
+    with pytest.raises(SystemExit):
+        main_guard(lambda: train_multitask.main(["--resume", str(last), "--arch", "joint18"]))
+    assert "trained with --arch multihead, not joint18" in capsys.readouterr().err
 
 
 def test_missing_pretrained_weights_name_the_way_out(tiny_config):
