@@ -121,6 +121,7 @@ def mix_batch(images, targets, cfg, generator):
     lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
     perm = torch.randperm(len(images), generator=generator).to(images.device)
     other = {k: v[perm] for k, v in targets.items()}
+    images = images.float()  # NOTE: uint8 0..255 photos; the model normalizes floats on the same scale
     if kind == "mixup":
         return lam * images + (1 - lam) * images[perm], other, lam
     cut = int(round(images.shape[3] * lam))  # NOTE: vertical CutMix: left part from this photo, right from another

@@ -2,8 +2,9 @@
 
 The preprocessing record (a plain dict, stored in every checkpoint) says how a photo becomes the
 network's input: `load_size` [W, H] (decode + resize, cached), optional `center_crop` [W, H] in
-load-size pixels, `img_size` [W, H] (network input), `mean`/`std` (the trunk's normalization), and
-`face_crop` (the crop_faces settings the data was made with, or None). Training adds a named
+load-size pixels, `img_size` [W, H] (network input), `mean`/`std` (the trunk's normalization, which the
+model applies itself to the uint8 tensors these pipelines make), and `face_crop` (the crop_faces
+settings the data was made with, or None). Training adds a named
 augmentation preset between the crop and the resize; evaluation and predict.py use
 `eval_transform(record)` and nothing else, so inference can never drift from training.
 """
@@ -52,9 +53,9 @@ def _crop(record):
 
 
 def _finish(record):
+    """Resize and make a uint8 CHW tensor; the model itself normalizes with the record's mean and std."""
     w, h = record["img_size"]
-    return [A.Resize(height=h, width=w, interpolation=cv2.INTER_AREA),
-            A.Normalize(mean=record["mean"], std=record["std"]), ToTensorV2()]
+    return [A.Resize(height=h, width=w, interpolation=cv2.INTER_AREA), ToTensorV2()]
 
 
 def _flip():
@@ -104,10 +105,10 @@ def check_augment(name: str) -> str:
 
 
 def train_transform(record: dict, augment: str = "baseline") -> A.Compose:
-    """Crop, augmentation preset, resize, normalize, to tensor."""
+    """Crop, augmentation preset, resize, to a uint8 tensor."""
     return A.Compose(_crop(record) + AUGMENTATIONS[check_augment(augment)]() + _finish(record))
 
 
 def eval_transform(record: dict) -> A.Compose:
-    """Crop, resize, normalize, to tensor: validation, prediction and TTA all start here."""
+    """Crop, resize, to a uint8 tensor: validation, prediction and TTA all start here."""
     return A.Compose(_crop(record) + _finish(record))

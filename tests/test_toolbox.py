@@ -27,7 +27,7 @@ def test_heads_and_losses_train_a_few_steps(trunk, size, losses):
         assert isinstance(model.heads["mask"], CosineHead)
     loss_fn = build_loss(cfg.losses, cfg.arch, class_counts(TARGETS))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(4, 3, size, size)
+    x = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
     first = None
     for _ in range(8):
         out = model(x)
