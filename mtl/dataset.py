@@ -35,7 +35,8 @@ class FaceDataset(Dataset):
 
     def pixels(self, i) -> np.ndarray:
         """The photo as decoded at load size (RGB uint8), before any transform."""
-        return np.array(self.images[i])  # NOTE: a writable copy; cached rows are read-only buffers
+        photo = self.images[i]
+        return photo if photo.flags.writeable else np.array(photo)  # NOTE: transforms may write in place
 
     def __getitem__(self, i):
         image = self.transforms[self.transform_of[i]](image=self.pixels(i))["image"]

@@ -101,9 +101,10 @@ class CachedImages:
         if self._fd is None or self._pid != os.getpid():  # NOTE: a forked worker must open its own descriptor
             self._fd, self._pid = os.open(self.pixels_file, os.O_RDONLY), os.getpid()
         w, h = self.size
-        nbytes = h * w * 3
-        data = os.pread(self._fd, nbytes, int(self.rows[i]) * nbytes)
-        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+        photo = np.empty((h, w, 3), dtype=np.uint8)
+        if os.preadv(self._fd, [photo], int(self.rows[i]) * photo.nbytes) != photo.nbytes:
+            raise OSError(f"{self.pixels_file}: short read at row {self.rows[i]} (cache file truncated?)")
+        return photo
 
     def __del__(self):
         if self._fd is not None and self._pid == os.getpid():
