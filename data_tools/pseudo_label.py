@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mtl import data, labels
-from mtl.cli import main_guard
+from mtl.cli import add_inference_arguments, main_guard
 from mtl.errors import ConfigError, DataError
 
 DEFAULT_MIN_CONFIDENCE = 0.9
@@ -189,15 +189,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
                        help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
 
-    group = parser.add_argument_group("running")
-    group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--workers", type=int, default=2, help="DataLoader and cache-building worker processes")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                       help="autocast dtype: auto is bf16 on CUDA (fp16 where bf16 is missing), off on CPU")
-    group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
-    group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
-    group.add_argument("--no-progress", dest="progress", action="store_false")
+    add_inference_arguments(parser.add_argument_group("running"))
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the entry scripts: the training flags, and clean error exits."""
+"""Command-line plumbing shared by the entry scripts: training and inference flags, and clean error exits."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,18 @@ def main_guard(main, interrupted="interrupted: checkpoints written so far are ke
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)
+
+
+def add_inference_arguments(group):
+    """The flags of every command that runs checkpoints over photos (predict.py, mtl.soup, data_tools.pseudo_label)."""
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--workers", type=int, default=2, help="DataLoader and cache-building worker processes")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                       help="autocast dtype: auto is bf16 on CUDA (fp16 where bf16 is missing), off on CPU")
+    group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
+    group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
+    group.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _flag(group, *names, key=None, **kwargs):

@@ -33,6 +33,7 @@ import pandas as pd
 
 from mtl import checkpoint as ckpt_io
 from mtl import labels
+from mtl.cli import add_inference_arguments
 from mtl.data import (FACE_CROP_RECORD, eval_samples, format_problems, read_csv_checked, read_face_crop_record,
                       same_face_crop)
 from mtl.errors import ConfigError, DataError
@@ -459,15 +460,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--report", metavar="DIR", default="report", help="report folder (default: report)")
     group.add_argument("--mistakes", type=int, default=48, metavar="N", help="photos on the mistakes page")
 
-    group = parser.add_argument_group("running")
-    group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--workers", type=int, default=2, help="DataLoader and cache-building worker processes")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                       help="autocast dtype: auto is bf16 on CUDA (fp16 where bf16 is missing), off on CPU")
-    group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
-    group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
-    group.add_argument("--no-progress", dest="progress", action="store_false")
+    add_inference_arguments(parser.add_argument_group("running"))
     return parser
 
 

@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from mtl import checkpoint as ckpt_io
+from mtl.cli import add_inference_arguments
 from mtl.errors import ConfigError
 from mtl.predict import check_face_crop, check_output, load_members, load_size_of, truth_of, validation_fold
 
@@ -151,13 +152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad", action="store_const", const=True,
                         help="leave out bad photos (default: as the first ingredient was trained)")
     parser.add_argument("--tta", nargs="+", default=["none"], help="score with TTA: none (default) or hflip")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    parser.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
-    parser.add_argument("--no-cache", dest="cache", action="store_false")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_inference_arguments(parser.add_argument_group("running"))
     return parser
 
 

@@ -19,27 +19,13 @@ from mtl.cli import main_guard
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.inference import predict_probs
 from mtl.metrics import predict_classes, recombine
+from tests.helpers import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # NOTE: a tiny model on a busy 2-core machine runs 10-20x faster on one thread than on two competing ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_predict(*args, cache_dir=None) -> dict:
-    """predict.run in-process (no import cost), quiet, one process; returns its result plus the log lines."""
-    logs = []
-    argv = [str(a) for a in args] + ["--workers", "0", "--no-progress"]
-    if cache_dir is not None:
-        argv += ["--cache-dir", str(cache_dir)]
-    result = predict.run(predict.get_args_parser().parse_args(argv), log=logs.append)
-    return {**result, "log": logs}
+    return run_command(predict, *args, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +214,7 @@ def test_validation_report_agrees_with_training(ckpts, trained_run, synthetic_da
     assert len(mistakes) and (mistakes["true"] != mistakes["pred"]).all()
     assert mistakes["confidence"].is_monotonic_decreasing
     assert set(mistakes["person_id"]) <= set(result["samples"]["person_id"])
-    assert any("18-class F1" in line for line in result["log"])
+    assert "18-class F1" in result["log"]
     text = (report / "report.md").read_text()
     assert "mistakes.png" in text and "confusion_18.png" in text
 

@@ -8,33 +8,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from data_tools import pseudo_label
 from mtl import checkpoint, data, labels, predict
 from mtl.cli import main_guard
 from mtl.dataset import FaceDataset, load_fold
+from tests.helpers import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # NOTE: a tiny model on a busy 2-core machine runs 10-20x faster on one thread than on two competing ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_pl(*args, cache_dir=None) -> dict:
-    """pseudo_label.run in-process, quiet, one process; returns its result plus the log lines."""
-    logs = []
-    argv = [str(a) for a in args] + ["--workers", "0", "--no-progress"]
-    if cache_dir is not None:
-        argv += ["--cache-dir", str(cache_dir)]
-    result = pseudo_label.run(pseudo_label.get_args_parser().parse_args(argv), log=logs.append)
-    return {**result, "log": "\n".join(logs)}
+    return run_command(pseudo_label, *args, cache_dir=cache_dir)
 
 
 def exit_code(argv) -> int:

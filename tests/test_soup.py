@@ -10,15 +10,6 @@ from mtl.errors import ConfigError
 from mtl.metrics import score
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # NOTE: a tiny model on a busy 2-core machine runs 10-20x faster on one thread than on two competing ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quiet(*args):
     return [str(a) for a in args] + ["--workers", "0", "--no-progress"]
 

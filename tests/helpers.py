@@ -1,0 +1,14 @@
+"""Helpers the test modules share (fixtures live in conftest.py)."""
+
+
+def run_command(module, *args, cache_dir=None) -> dict:
+    """module.run (predict, pseudo_label, ...) in-process: no import cost, quiet, no worker processes.
+
+    Returns run's result plus the log lines as one text under "log".
+    """
+    logs = []
+    argv = [str(a) for a in args] + ["--workers", "0", "--no-progress"]
+    if cache_dir is not None:
+        argv += ["--cache-dir", str(cache_dir)]
+    result = module.run(module.get_args_parser().parse_args(argv), log=logs.append)
+    return {**result, "log": "\n".join(logs)}
