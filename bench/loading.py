@@ -62,8 +62,8 @@ def one_variant(args):
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"variant": args.variant, "images": len(ds), "prepare_s": prepare_s,
-                      "img_s": statistics.median(steady), "img_s_epoch": statistics.median(rates), "peak_rss_main_mb": own,
-                      "peak_rss_worker_mb": workers}))
+                      "img_s": statistics.median(steady), "img_s_epoch": statistics.median(rates),
+                      "peak_rss_main_mb": own, "peak_rss_worker_mb": workers}))
 
 
 def main():
@@ -114,8 +114,8 @@ def main():
                   f"({pair[1]['speedup']:.2f}x)", flush=True)
     cache_mb = sum(f.stat().st_size for f in cache_dir.rglob("pixels.u8")) / 2**20
     print()
-    print(table(rows, ["load_size", "augment", "variant", "images", "img_s", "speedup", "img_s_epoch", "prepare_s", "cache_build_s",
-                       "peak_rss_main_mb", "peak_rss_worker_mb"]))
+    print(table(rows, ["load_size", "augment", "variant", "images", "img_s", "speedup", "img_s_epoch", "prepare_s",
+                       "cache_build_s", "peak_rss_main_mb", "peak_rss_worker_mb"]))
     print(f"\ncache files {cache_mb:.0f} MiB on disk (read with pread, never held in RAM)")
     path = write_json({"settings": {k: v for k, v in vars(args).items() if k not in ("variant", "cache_dir",
                                                                                      "load_size", "augment")},
