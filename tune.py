@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--out", metavar="DIR", dest="study_out", help="study folder (default runs/tune/<study name>)")
     group.add_argument("--timeout", metavar="S", type=float, help="start no new trial after this many seconds")
     group.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
-                       help="stop weak trials early: median (default; after 5 trials, from epoch 2), hyperband, "
-                            "none")
+                       help="stop weak trials early: median (default; after 5 trials, from --pruner-warmup on), "
+                            "hyperband, none")
+    group.add_argument("--pruner-warmup", metavar="E", type=int,
+                       help="epochs a trial trains before the median pruner may stop it (default: half the "
+                            "epochs, at least 2)")
     group.add_argument("--workers", metavar="N", dest="trial_workers", type=int, default=1,
                        help="parallel trial processes on this machine, e.g. one per GPU (default 1)")
     group.add_argument("--loader-workers", metavar="N", dest="workers", type=int,
@@ -61,7 +64,8 @@ def main(argv=None):
     settings = tuning.TuneSettings(
         trials=args.trials, space=args.space or str(tuning.DEFAULT_SPACE), config=args.config,
         overrides=overrides_from_args(args), study_name=args.study_name, storage=args.storage, out=args.study_out,
-        timeout=args.timeout, pruner=args.pruner, workers=args.trial_workers, max_failures=args.max_failures,
+        timeout=args.timeout, pruner=args.pruner, pruner_warmup=args.pruner_warmup,
+        workers=args.trial_workers, max_failures=args.max_failures,
         sampler_seed=args.sampler_seed, top=args.top)
     return tuning.tune(settings)
 

@@ -199,6 +199,19 @@ def test_median_pruner_stops_weak_trials_early(args, tmp_path, monkeypatch):
     assert list(table["epochs_run"]) == [4, 4, 4, 4, 4, 2, 2, 2]
 
 
+@pytest.mark.parametrize("flags, pruned_at", [((), 4), (("--pruner-warmup", 3), 3)])
+def test_median_pruner_waits_half_the_epochs_or_the_warmup_given(args, tmp_path, monkeypatch, flags, pruned_at):
+    monkeypatch.setattr(mtl.train, "train", scripted_train())
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 7, "--epochs", 8, *flags)) == 0
+    assert list(trials_csv(out)["epochs_run"]) == [8] * 5 + [pruned_at] * 2
+
+
+def test_bad_pruner_warmup_is_refused(args, tmp_path, capsys):
+    assert run_tune(args(tmp_path / "study", "--trials", 2, "--pruner-warmup", 0)) == 2
+    assert "--pruner-warmup must be a whole number of epochs >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("space, message", [
     ({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}}, "unknown key 'learning_rate'"),
     ({"lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}}, "lr: unknown type 'uniform'"),
