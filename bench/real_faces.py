@@ -10,7 +10,12 @@ tf_efficientnet_lite0 trunk (../shared/weights), and is scored three ways:
 - `val`: held-out people of the training fold (same photo source);
 - `eval`: the other people of the eval set, predicted by predict.py's code path;
 - `masks`: real masked faces of another photo collection (../shared/data/facemask-dev, mask label
-  only): mask accuracy and macro F1 on photos unlike the training ones.
+  only): mask accuracy and macro F1 on photos unlike the training ones. Scored on every second
+  photo of each class folder; the other half is the external data of the `+real_masks` variant
+  (mask label only, gender and age unknown), the remedy the data tools exist for.
+
+A variant whose run folder already holds `train_row.json` (from `--work DIR`) is not trained
+again with `--reuse`, only scored again.
 
     python bench/real_faces.py                        # CPU budget: ~10-20 minutes per variant
     python bench/real_faces.py --full --device cuda   # every person, larger photos, more epochs
@@ -35,6 +40,7 @@ VARIANTS = {
     "separate": {"arch": "separate"},
     "multihead+age_reg": {"arch": "multihead", "age_reg_weight": 0.1},
     "multihead+uncertainty": {"arch": "multihead", "loss_weighting": "uncertainty"},
+    "multihead+real_masks": {"arch": "multihead", "extra_masks": True},
 }
 UTKFACE = SHARED / "data" / "utkface-dev"
 FACEMASK = SHARED / "data" / "facemask-dev"
@@ -59,12 +65,17 @@ def build_proxy(work: Path, train_people: int, eval_people: int, seed: int) -> P
     return data
 
 
-def facemask_samples():
-    """The facemask-dev photos as a sample table (mask label only)."""
+def facemask_samples(half: str):
+    """Half of the facemask-dev photos as a sample table (mask label only): 'train' even rows, 'test' odd ones.
+
+    Rows are sorted within each class folder, so both halves keep the class mix.
+    """
     from data_tools.import_faces import read_folders
     from mtl.data import sample_table
     rows, _ = read_folders(FACEMASK)
-    return sample_table([(str(p), person, Path(p).stem, m, g, a, "facemask") for p, person, m, g, a in rows])
+    table = sample_table([(str(p), person, Path(p).stem, m, g, a, "facemask") for p, person, m, g, a in rows])
+    table = table.sort_values(["mask", "image_path"], kind="stable").reset_index(drop=True)
+    return table.iloc[{"train": 0, "test": 1}[half]::2].reset_index(drop=True)
 
 
 def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[dict, int]:
@@ -78,14 +89,22 @@ def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[di
     return probs, checkpoint.threshold(member)
 
 
-def run_variant(name, options, args, data, work) -> dict:
-    import numpy as np
-    import pandas as pd
-    from sklearn.metrics import accuracy_score, f1_score
+def train_variant(name, options, args, data, work) -> dict:
+    """Train one variant (or, with --reuse, take its earlier run); the row of its training facts."""
+    import json
 
     from mtl import config, data as data_io
-    from mtl.metrics import score
+    from mtl.io import atomic_write_text
     from mtl.train import train
+    options = dict(options)
+    out = work / "runs" / name
+    if args.reuse and (out / "train_row.json").is_file():
+        print(f"reusing {out}", flush=True)
+        return json.loads((out / "train_row.json").read_text())
+    if options.pop("extra_masks", False):
+        extra = work / "facemask_train_half.csv"
+        data_io.write_extra(facemask_samples("train"), extra)
+        options["extra"] = [str(extra)]
     cfg = config.build({
         "data": str(data), "out": str(work / "runs" / name), "cache_dir": str(work / "cache"),
         "model": "tf_efficientnet_lite0", "pretrained_file": str(WEIGHTS), "img_size": args.img_size,
@@ -96,17 +115,30 @@ def run_variant(name, options, args, data, work) -> dict:
     t0 = time.time()
     result = train(cfg, log=print)
     minutes = (time.time() - t0) / 60
-    best = Path(result["out"]) / "best.pt"
-    row = {"variant": name, "train_min": minutes, "best_epoch": result["best_epoch"]}
+    row = {"variant": name, "train_min": minutes, "best_epoch": result["best_epoch"],
+           "best": str(Path(result["out"]) / "best.pt"), "cache_dir": cfg.cache_dir}
     row.update({f"val_{k}": v for k, v in result["metrics"].items() if k in ("f1", "mask_f1", "gender_f1", "age_f1",
                                                                              "age_acc", "gender_acc", "age_reg_f1")})
+    atomic_write_text(json.dumps(row, indent=2), out / "train_row.json")
+    return row
+
+
+def score_variant(row, args, data) -> dict:
+    """The row plus the eval-people and real-masks scores of the variant's best checkpoint."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from mtl import data as data_io
+    from mtl.metrics import score
+    row, best = dict(row), row["best"]
     _, eval_samples = data_io.eval_samples(data)
     truth = pd.read_csv(data / "eval_truth.csv").set_index("ImageID").loc[eval_samples["person_id"]]
-    probs, threshold = predict_on(best, eval_samples, cfg.cache_dir, args.workers, args.device)
+    probs, threshold = predict_on(best, eval_samples, row["cache_dir"], args.workers, args.device)
     eval_metrics = score(probs, {k: truth[k].to_numpy() for k in ("mask", "gender", "age")}, threshold)
     row.update({f"eval_{k}": eval_metrics[k] for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1", "age_acc")})
-    masks = facemask_samples()
-    pred = predict_on(best, masks, cfg.cache_dir, args.workers, args.device)[0]["mask"].argmax(1)
+    masks = facemask_samples("test")
+    pred = predict_on(best, masks, row["cache_dir"], args.workers, args.device)[0]["mask"].argmax(1)
     row["masks_acc"] = float(accuracy_score(masks["mask"], pred))
     row["masks_f1"] = float(f1_score(masks["mask"], pred, average="macro"))
     row["masks_bare_as_masked"] = float(np.mean(pred[masks["mask"].to_numpy() == 2] != 2))
@@ -128,6 +160,8 @@ def main():
     parser.add_argument("--full", action="store_true",
                         help="GPU budget: every UTKFace person, 240x320 photos, 12 epochs")
     parser.add_argument("--work", help="work folder (default: a new temporary folder, removed at the end)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --work: score again, without training again, the variants trained there before")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", default="bench/results/real_faces.json")
     args = parser.parse_args()
@@ -143,7 +177,7 @@ def main():
     rows = []
     for name in args.variants:
         print(f"\n=== {name}", flush=True)
-        rows.append(run_variant(name, VARIANTS[name], args, data, work))
+        rows.append(score_variant(train_variant(name, VARIANTS[name], args, data, work), args, data))
         print(table(rows[-1:], list(rows[-1])), flush=True)
     columns = ["variant", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1", "eval_f1", "eval_acc",
                "eval_gender_f1", "eval_age_f1", "masks_acc", "masks_f1", "masks_bare_as_masked", "train_min"]
