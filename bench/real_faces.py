@@ -142,6 +142,8 @@ def score_variant(row, args, data) -> dict:
     row["masks_acc"] = float(accuracy_score(masks["mask"], pred))
     row["masks_f1"] = float(f1_score(masks["mask"], pred, average="macro"))
     row["masks_bare_as_masked"] = float(np.mean(pred[masks["mask"].to_numpy() == 2] != 2))
+    for where in ("best", "cache_dir"):  # NOTE: paths in the work folder, gone after the run
+        row.pop(where)
     return row
 
 
