@@ -34,7 +34,7 @@ def one_variant(args):
     """Run in a child process: time the loader for one variant, print JSON."""
     import torch
     from mtl.dataset import FaceDataset, load_fold
-    from mtl.inference import make_loader
+    from mtl.loader import make_loader
     from mtl.transforms import make_preprocess, train_transform
     torch.set_num_threads(1)
     use_cache = args.variant != "decode"

@@ -7,11 +7,9 @@ each photo is read and transformed once for all members that share a preprocessi
 from __future__ import annotations
 
 import contextlib
-import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, default_collate, get_worker_info
 from tqdm import tqdm
 
 from mtl.errors import ConfigError
@@ -43,47 +41,6 @@ def autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_worker(worker_id):
-    """DataLoader worker init: seed numpy, random and the albumentations pipeline from the worker's torch seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    if info is not None and hasattr(info.dataset, "set_random_seed"):
-        info.dataset.set_random_seed(seed)
-
-
-def collate(items: list[dict]) -> dict:
-    """default_collate, but photos are stacked as they lie in memory (HWC) and come out channels_last.
-
-    ToTensorV2 gives (3, H, W) views of (H, W, 3) photos; stacking those views into a contiguous NCHW batch
-    is a strided copy that cost more than reading a cached photo. Stacking the HWC photos is a plain copy,
-    and the (B, H, W, 3) batch viewed as (B, 3, H, W) is already in channels_last layout, which the convs
-    (CPU and CUDA) take as is.
-    """
-    batch = default_collate([{k: v for k, v in item.items() if k != "image"} for item in items])
-    photos = [item["image"].permute(1, 2, 0) for item in items]
-    if not all(photo.is_contiguous() for photo in photos):
-        batch["image"] = default_collate([item["image"] for item in items])
-        return batch
-    out = None
-    if get_worker_info() is not None:  # NOTE: as default_collate does: build the batch in shared memory
-        numel = sum(photo.numel() for photo in photos)
-        storage = photos[0]._typed_storage()._new_shared(numel, device=photos[0].device)
-        out = photos[0].new(storage).resize_(len(photos), *photos[0].shape)
-    batch["image"] = torch.stack(photos, out=out).permute(0, 3, 1, 2)
-    return batch
-
-
-def make_loader(dataset, batch_size, workers=2, shuffle=False, sampler=None, generator=None, drop_last=False,
-                device=None):
-    """A DataLoader with the project's worker seeding and collate, pinned memory on CUDA."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-                      num_workers=workers, pin_memory=device is not None and device.type == "cuda",
-                      drop_last=drop_last, worker_init_fn=seed_worker, generator=generator,
-                      persistent_workers=False, collate_fn=collate)
 
 
 def to_device(images, device, channels_last=False):

@@ -146,7 +146,8 @@ def predict_members(members, samples, sources, batch_size=64, workers=2, device=
     import torch
 
     from mtl.dataset import FaceDataset
-    from mtl.inference import amp_dtype, make_loader, predict_probs_many, prepare_model, resolve_device
+    from mtl.inference import amp_dtype, predict_probs_many, prepare_model, resolve_device
+    from mtl.loader import make_loader
     from mtl.transforms import eval_transform
     device = resolve_device(device) if isinstance(device, str) else device
     dtype, channels_last = amp_dtype(amp, device), device.type == "cuda"

@@ -60,7 +60,8 @@ class SoupScorer:
     def __init__(self, template, samples, images, batch_size=64, workers=2, device="auto", amp="auto", tta=(),
                  progress=True):
         from mtl.dataset import FaceDataset
-        from mtl.inference import amp_dtype, make_loader, prepare_model, resolve_device
+        from mtl.inference import amp_dtype, prepare_model, resolve_device
+        from mtl.loader import make_loader
         from mtl.transforms import eval_transform
         self.device = resolve_device(device)
         self.dtype, self.channels_last = amp_dtype(amp, self.device), self.device.type == "cuda"

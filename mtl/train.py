@@ -27,8 +27,9 @@ from mtl.config import TrainConfig, dump
 from mtl.data import read_face_crop_record
 from mtl.dataset import FaceDataset, load_fold
 from mtl.errors import ConfigError, MTLError
-from mtl.inference import amp_dtype, autocast, make_loader, predict_probs, resolve_device, to_device
+from mtl.inference import amp_dtype, autocast, predict_probs, resolve_device, to_device
 from mtl.io import atomic_write_text
+from mtl.loader import make_loader
 from mtl.losses import build_loss, class_counts
 from mtl.metrics import score
 from mtl.model import model_from_config, normalization, unwrap

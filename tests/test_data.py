@@ -12,7 +12,7 @@ from mtl import data, labels
 from mtl.dataset import FaceDataset, load_fold
 from mtl.errors import DataError
 from mtl.images import DirectImages, ImageCache, decode_image
-from mtl.inference import make_loader
+from mtl.loader import make_loader
 from mtl.splits import person_folds
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
