@@ -6,8 +6,8 @@ batch in a new shared-memory segment: the worker creates it, faults in and fills
 photos at 384x512), the main process maps and frees it, and measured on a cached data set that cost
 more than reading and flipping the photos. Here each pass over the data instead allocates a ring of
 shared batch buffers once: batch k is written into slot k mod S by a worker and copied out by the
-main process as it arrives, into one of a few buffers it reuses (pinned on CUDA, where the pin step
-copies anyway).
+main process as it arrives: into one of a few buffers it reuses, or on CUDA into pinned memory
+(where torch's pin step would copy anyway).
 S = workers x prefetch + 1 is enough because DataLoader never has more than workers x prefetch batches
 sent and not yet returned, and batch k is copied out before batch k + workers x prefetch + 1 is sent;
 every copy checks that its slot still holds the batch it was written for.
@@ -108,10 +108,14 @@ class ReusedBuffers:
         self.shape, self.pin_memory, self.buffers = tuple(shape), pin_memory, []
 
     def get(self) -> torch.Tensor:
+        if self.pin_memory:
+            # NOTE: not pooled here: torch's pinned-memory cache reuses a block only once the non_blocking copies
+            # to the GPU that read it have finished, which a use count cannot see
+            return torch.empty(self.shape, dtype=torch.uint8, pin_memory=True)
         for buffer in self.buffers:
             if _storage_users(buffer) == 1:
                 return buffer
-        buffer = torch.empty(self.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+        buffer = torch.empty(self.shape, dtype=torch.uint8)
         if len(self.buffers) < self.KEEP and _storage_users(buffer) is not None:
             self.buffers.append(buffer)
         return buffer
