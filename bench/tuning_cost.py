@@ -10,7 +10,7 @@ The best F1 of a study depends on which trials its sampler happens to draw, and 
 that path, so each pruner runs once per sampler seed: the spread of the unpruned studies' best F1
 over the seeds is the yardstick for noise.
 
-    python bench/tuning_cost.py                       # 3 seeds x 24 trials x 8 epochs, tiny CPU model (~100 min, 2 cores)
+    python bench/tuning_cost.py                       # 3 seeds x 24 trials x 8 epochs (~100 min, 2 cores)
     python bench/tuning_cost.py --sampler-seeds 0 --pruners none median:3
     python bench/tuning_cost.py --trials 30 --epochs 8 --config configs/demo.yaml
 """
