@@ -30,10 +30,14 @@ def load(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise ConfigError(f"{path}: not a readable checkpoint ({str(exc).strip().splitlines()[0][:160]})") from None
+        text = str(exc).strip()
+        why = text.splitlines()[0][:160] if text else type(exc).__name__
+        raise ConfigError(f"{path}: not a readable checkpoint ({why})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise ConfigError(f"{path}: not a checkpoint written by train_multitask.py")
     checkpoint["path"] = str(path)

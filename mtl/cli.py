@@ -31,58 +31,85 @@ def add_inference_arguments(group):
     group.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _flag(group, *names, key=None, **kwargs):
-    kwargs.setdefault("default", None)
-    group.add_argument(*names, dest=key or names[0].lstrip("-").replace("-", "_"), **kwargs)
+NONE_MEANS = {"out": "a fresh runs/<time>_<model>_<arch>", "cache_dir": "$MTL_CACHE_DIR or ~/.cache/mtl",
+              "load_size": "the --img-size", "resume": "a new run"}
+
+
+def default_text(key, value) -> str:
+    """A default from configs/default.yaml as --help shows it."""
+    if value is None:
+        return NONE_MEANS.get(key, "none")
+    if isinstance(value, dict):
+        options = ",".join(f"{k}={v}" for k, v in value.items() if k != "name")
+        return f"{value.get('name')}{':' + options if options else ''}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
-    """Every TrainConfig key as a flag (default None: only flags given override the YAML config)."""
-    def flag(*names, **kwargs):
-        if names[0] not in skip:
-            _flag(current, *names, **kwargs)
+    """Every TrainConfig key as a flag (default None: only flags given override the YAML config).
+
+    --help shows each flag's default, read from configs/default.yaml (the one place defaults live).
+    """
+    from mtl.config import defaults
+    values = defaults()
+
+    def flag(*names, key=None, **kwargs):
+        if names[0] in skip:
+            return
+        key = key or names[0].lstrip("-").replace("-", "_")
+        if key.endswith("_loss"):
+            shown = default_text(key, values["losses"][key[:-len("_loss")]])
+        elif kwargs.get("action") == "store_const":
+            shown = "on" if values[key] == kwargs["const"] else "off"
+        else:
+            shown = default_text(key, values[key])
+        help_text = f"{kwargs.pop('help', '')} (default: {shown})".strip().replace("%", "%%")
+        current.add_argument(*names, dest=key, default=None, help=help_text, **kwargs)
 
     current = parser.add_argument_group("data")
     flag("--data", help="data folder with train/ and eval/ (the competition layout)")
-    flag("--out", help="output folder (default: a fresh runs/<time>_<model>_<arch>)")
-    flag("--age-threshold", type=int, help="age from which a person counts as 60+ (e.g. 59; default 60)")
+    flag("--out", help="output folder")
+    flag("--age-threshold", type=int, help="age from which a person counts as 60+ (e.g. 59)")
     flag("--drop-ages", help="leave these ages out of training only, e.g. 57-59")
     flag("--relabel", help="CSV of id,gender,age fixes applied on load")
     flag("--extra", action="append", help="extra partial-label CSV (data_tools.import_faces); repeatable")
-    flag("--folds", type=int, help="number of person-level folds (default 5)")
-    flag("--fold", type=int, help="validation fold (default 0)")
+    flag("--folds", type=int, help="number of person-level folds")
+    flag("--fold", type=int, help="validation fold")
     flag("--all-folds", action="store_const", const=True, help="train every fold in turn (for an ensemble)")
     flag("--seed", type=int, help="seed for folds, shuffling and augmentation")
     flag("--skip-bad", action="store_const", const=True, help="leave out bad photos instead of stopping")
     flag("--no-cache", key="cache", action="store_const", const=False, help="decode JPEGs every time")
-    flag("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
+    flag("--cache-dir", help="decoded-image cache folder")
     flag("--workers", type=int, help="DataLoader and cache-building worker processes")
 
     current = parser.add_argument_group("preprocessing and augmentation")
     flag("--img-size", type=int, nargs="+", metavar="N", help="network input W H (or one number for a square)")
-    flag("--load-size", type=int, nargs="+", metavar="N", help="decode + cache size W H (default: --img-size)")
+    flag("--load-size", type=int, nargs="+", metavar="N", help="decode + cache size W H")
     flag("--center-crop", type=int, nargs="+", metavar="N", help="center crop W H in load-size pixels")
     flag("--augment", help="augmentation preset: none, flip, baseline, strong, gridshuffle, ...")
     flag("--oversample-old", type=int, help="repeat the 60+ people this many more times per epoch")
-    flag("--oversample-augment", help="augmentation preset of those repeated photos (default strong)")
+    flag("--oversample-augment", help="augmentation preset of those repeated photos")
 
     current = parser.add_argument_group("model")
     flag("--model", help="any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")
-    flag("--arch", help="multihead (default), joint18 or separate")
-    flag("--head", help="task head: linear (default) or another registered head")
+    flag("--arch", help="multihead, joint18 or separate")
+    flag("--head", help="task head: linear or another registered head (ml_decoder)")
     flag("--no-pretrained", key="pretrained", action="store_const", const=False,
          help="random initial weights instead of ImageNet ones")
-    flag("--pretrained-file", help="local pretrained weights file for the trunk")
+    flag("--pretrained-file", help="local pretrained weights file for the trunk (used even where the config says "
+                                   "pretrained: false)")
     flag("--head-dropout", type=float, help="dropout before each head")
     flag("--drop-path-rate", type=float, help="stochastic depth of the trunk")
-    flag("--age-reg-weight", type=float, help="weight of the auxiliary age regression (0 = off; e.g. 0.1)")
+    flag("--age-reg-weight", type=float, help="weight of the auxiliary age regression (0 = off)")
 
     current = parser.add_argument_group("losses")
     for task in ("mask", "gender", "age", "joint"):
         flag(f"--{task}-loss", key=f"{task}_loss", metavar="NAME[:k=v,...]",
              help=f"{task} loss, e.g. focal:gamma=2,class_weights=balanced")
     flag("--loss-weights", type=float, nargs=3, metavar=("M", "G", "A"), help="task loss weights")
-    flag("--loss-weighting", help="fixed (default) or uncertainty (learned, Kendall et al. 2018)")
+    flag("--loss-weighting", help="fixed or uncertainty (learned, Kendall et al. 2018)")
 
     current = parser.add_argument_group("optimisation")
     flag("--epochs", type=int)
@@ -94,7 +121,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
     flag("--grad-clip", type=float, help="gradient norm clip (0 = off)")
     flag("--accumulate", type=int, help="gradient accumulation steps")
     flag("--amp", help="auto (bf16 on CUDA), bf16, fp16 or off")
-    flag("--no-channels-last", key="channels_last", action="store_const", const=False)
+    flag("--no-channels-last", key="channels_last", action="store_const", const=False,
+         help="plain memory layout on CUDA")
     flag("--compile", action="store_const", const=True, help="torch.compile the model")
     flag("--ema", type=float, help="EMA decay of the weights (0 = off, e.g. 0.999)")
     flag("--sampler", help="none or balanced (each 18-class combination equally often)")
@@ -105,9 +133,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
 
     current = parser.add_argument_group("running")
     flag("--device", help="auto, cpu, cuda, cuda:1, ...")
-    flag("--resume", help="continue a run from its last.pt")
+    flag("--resume", help="continue a run from its last.pt (its outputs go next to that file unless --out)")
     flag("--log-images", type=int, help="misclassified photos shown in TensorBoard per epoch")
-    flag("--no-progress", key="progress", action="store_const", const=False)
+    flag("--no-progress", key="progress", action="store_const", const=False, help="no progress bars")
 
 
 def overrides_from_args(args) -> dict:

@@ -1,140 +1,266 @@
 """Training configuration: one flat dataclass, YAML files in configs/, command-line overrides.
 
-Precedence: TrainConfig defaults < the YAML file given with --config (which may name a `base:`
-YAML it extends) < command-line flags. The resolved config is written next to every run
+Precedence, lowest first: configs/default.yaml (the one place default values live; found next to the
+package, whatever the working directory) < a base dict (a checkpoint's config, for --resume) < the
+YAML file given with --config (which may name a `base:` YAML it extends) < command-line flags.
+`losses` merges per task: a layer that sets `losses: {age: ...}` keeps the other tasks' losses.
+Every value is read by its field's type (`lr: 1e-3` is a float, `cache: "off"` is false, `folds:
+five` is an error naming the key). The resolved config is written next to every run
 (`config.yaml`) and stored in its checkpoints, so any run can be repeated with
 `train_multitask.py --config runs/NAME/config.yaml`.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import math
+import re
+import types
+import typing
 from pathlib import Path
 
 import yaml
 
 from mtl import labels
 from mtl.errors import ConfigError
-from mtl.transforms import check_augment, size_pair
 
-# per-task loss settings; 'joint' is the 18-way loss of --arch joint18
-TASK_LOSS_DEFAULTS = {"mask": {"name": "ce"}, "gender": {"name": "bce"}, "age": {"name": "ce"},
-                      "joint": {"name": "ce"}}
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+LOSS_TASKS = ("mask", "gender", "age", "joint")  # 'joint' is the 18-way loss of --arch joint18
 
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The settings of one run: names and types only; every default value is in configs/default.yaml."""
     # data
-    data: str = "data"
-    out: str | None = None
-    age_threshold: int = labels.DEFAULT_AGE_THRESHOLD
-    drop_ages: str | None = None
-    relabel: str | None = None
-    extra: list = dataclasses.field(default_factory=list)
-    folds: int = 5
-    fold: int = 0
-    all_folds: bool = False
-    seed: int = 42
-    skip_bad: bool = False
-    cache: bool = True
-    cache_dir: str | None = None
-    workers: int = 2
+    data: str
+    out: str | None
+    age_threshold: int
+    drop_ages: str | None
+    relabel: str | None
+    extra: list[str] | None
+    folds: int
+    fold: int
+    all_folds: bool
+    seed: int
+    skip_bad: bool
+    cache: bool
+    cache_dir: str | None
+    workers: int
     # preprocessing and augmentation
-    img_size: list = dataclasses.field(default_factory=lambda: [192, 256])
-    load_size: list | None = None
-    center_crop: list | None = None
-    augment: str = "strong"
-    oversample_old: int = 0
-    oversample_augment: str = "strong"
+    img_size: list[int]
+    load_size: list[int] | None
+    center_crop: list[int] | None
+    augment: str
+    oversample_old: int
+    oversample_augment: str
     # model
-    model: str = "efficientnet_b3"
-    arch: str = "multihead"
-    head: str = "linear"
-    pretrained: bool = True
-    pretrained_file: str | None = None
-    head_dropout: float = 0.2
-    drop_path_rate: float = 0.1
-    age_reg_weight: float = 0.0
+    model: str
+    arch: str
+    head: str
+    pretrained: bool
+    pretrained_file: str | None
+    head_dropout: float
+    drop_path_rate: float
+    age_reg_weight: float
     # losses
-    losses: dict = dataclasses.field(default_factory=lambda: {t: dict(v) for t, v in TASK_LOSS_DEFAULTS.items()})
-    loss_weights: list = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
-    loss_weighting: str = "fixed"
+    losses: dict
+    loss_weights: list[float]
+    loss_weighting: str
     # optimisation
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    eta_min: float = 1e-6
-    grad_clip: float = 1.0
-    accumulate: int = 1
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    ema: float = 0.0
-    sampler: str = "none"
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mix_prob: float = 0.5
-    patience: int = 0
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    eta_min: float
+    grad_clip: float
+    accumulate: int
+    amp: str
+    channels_last: bool
+    compile: bool
+    ema: float
+    sampler: str
+    mixup: float
+    cutmix: float
+    mix_prob: float
+    patience: int
     # running
-    device: str = "auto"
-    resume: str | None = None
-    log_images: int = 32
-    progress: bool = True
+    device: str
+    resume: str | None
+    log_images: int
+    progress: bool
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
 CHOICES = {"arch": ("multihead", "joint18", "separate"), "loss_weighting": ("fixed", "uncertainty"),
            "amp": ("auto", "bf16", "fp16", "off"), "sampler": ("none", "balanced"),
            "device": None}
 
 
-def load_yaml(path) -> dict:
-    """A config YAML (following `base:` chains) -> dict of keys, checked against TrainConfig's fields."""
+def __getattr__(name):
+    if name == "TASK_LOSS_DEFAULTS":  # NOTE: the per-task default losses, read from configs/default.yaml
+        return defaults()["losses"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------- YAML and typed values
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.2's core schema for plain values: only true/false are booleans (`off`, `no` stay text, read by the
+    field's type) and `1e-3` is a float (YAML 1.1 reads it as text)."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_RESOLVERS = {_BOOL: re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+              _FLOAT: re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                                     |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                                     |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                                     |[-+]?\.(?:inf|Inf|INF)
+                                     |\.(?:nan|NaN|NAN))$""", re.VERBOSE)}
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, _RESOLVERS.get(tag, regexp)) for tag, regexp in resolvers if tag != _BOOL or first in "tTfF"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", dict: "a mapping"}
+
+
+def _scalar(value, kind, label):
+    """value read as kind (bool, int, float, str), or a ConfigError naming the label."""
+    out = None
+    if kind is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE | _FALSE:
+            out = str(value).strip().lower() in _TRUE
+    elif kind is int and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, int) or (isinstance(number, float) and number.is_integer()):
+                out = int(number)
+    elif kind is float and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
+            out = float(value) if isinstance(value, (int, float, str)) else None
+    elif kind is str and not isinstance(value, bool):
+        out = value if isinstance(value, str) else (str(value) if isinstance(value, (int, float)) else None)
+    elif kind is dict:
+        out = value if isinstance(value, dict) else None
+    if out is None:
+        raise ConfigError(f"{label} must be {_WORDS.get(kind, kind.__name__)}, got {value!r}")
+    return out
+
+
+def read_value(key: str, value, label: str):
+    """A config value read by its TrainConfig field's type (None where the field allows it; one item -> a list)."""
+    kind = TYPES[key]
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None:
+            return None
+        kind = options[0]
+    if kind is list or typing.get_origin(kind) is list:
+        item = (typing.get_args(kind) or (None,))[0]
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [_scalar(v, item, label) if item else v for v in items]
+    return _scalar(value, kind, label)
+
+
+def read_values(values: dict, label) -> dict:
+    """Every value read by its field's type; label(key) names it in errors ('--lr', 'configs/x.yaml: lr')."""
+    return {key: read_value(key, value, label(key)) for key, value in values.items()}
+
+
+def flag_name(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def _check_known(values: dict, where: str):
+    unknown = sorted(str(k) for k in set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}")
+
+
+def merge(lower: dict, upper: dict) -> dict:
+    """upper's keys over lower's; `losses` per task (a layer that names one task's loss keeps the others')."""
+    out = {**lower, **upper}
+    if isinstance(lower.get("losses"), dict) and isinstance(upper.get("losses"), dict):
+        out["losses"] = {**lower["losses"], **upper["losses"]}
+    return out
+
+
+def load_yaml(path, _chain=()) -> dict:
+    """A config YAML (following `base:` chains) -> dict of keys read by their fields' types."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in _chain:
+        names = " -> ".join(p.name for p in (*_chain, resolved))
+        raise ConfigError(f"{path}: its `base:` chain comes back to itself ({names})")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=YamlLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: must be a mapping of config keys")
     base = values.pop("base", None)
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
-    if base:
-        return {**load_yaml(path.parent / base), **values}
+    _check_known(values, f"{path}: ")
+    values = read_values(values, lambda key: f"{path}: {key}")
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must name a YAML file next to it, got {base!r}")
+    return merge(load_yaml(path.parent / base, (*_chain, resolved)), values)
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    values = load_yaml(DEFAULT_CONFIG)
+    missing = [name for name in FIELDS if name not in values]
+    if missing:
+        raise ConfigError(f"{DEFAULT_CONFIG}: lists no value for {', '.join(missing)}")
     return values
 
 
+def defaults() -> dict:
+    """The default value of every key, from configs/default.yaml (a fresh copy)."""
+    return copy.deepcopy(_defaults())
+
+
+# ---------------------------------------------------------------- build and check
 def build(overrides: dict | None = None, config_file=None, base: dict | None = None) -> TrainConfig:
-    """TrainConfig from defaults < base dict (e.g. a checkpoint's config) or YAML file < overrides, validated."""
-    values = dict(base or {})
-    values.update(load_yaml(config_file) if config_file else {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "losses" in overrides and isinstance(values.get("losses"), dict):
-        overrides["losses"] = {**values["losses"], **overrides["losses"]}  # per task: a flag replaces one task's
-    values.update(overrides)
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
-    if "losses" in values:
-        values["losses"] = merge_losses(values["losses"])
+    """TrainConfig from configs/default.yaml < base dict (e.g. a checkpoint's config) < YAML file < overrides."""
+    values = defaults()
+    if base:
+        _check_known(base, "config: ")
+        values = merge(values, read_values(base, lambda key: f"config {key}"))
+    if config_file:
+        values = merge(values, load_yaml(config_file))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_known(given, "config: ")
+    given = read_values(given, flag_name)
+    values = merge(values, given)
+    if given.get("pretrained") is False and values.get("pretrained_file"):
+        raise ConfigError(f"--no-pretrained contradicts --pretrained-file {values['pretrained_file']}: a weights "
+                          f"file is always used; drop one of them")
+    values["losses"] = merge_losses(values["losses"])
     return validate(TrainConfig(**values))
 
 
 def merge_losses(losses) -> dict:
-    """Per-task loss settings over the defaults: {'age': {'name': 'focal', 'gamma': 2}} keeps mask and gender."""
-    if not isinstance(losses, dict) or set(losses) - set(TASK_LOSS_DEFAULTS):
-        raise ConfigError(f"losses must map tasks ({', '.join(TASK_LOSS_DEFAULTS)}) to settings, got {losses!r}")
-    merged = {t: dict(v) for t, v in TASK_LOSS_DEFAULTS.items()}
-    for task, spec in losses.items():
+    """Per-task loss settings as {task: {'name': ..., options}} for every task ('focal' -> {'name': 'focal'})."""
+    if not isinstance(losses, dict) or set(losses) != set(LOSS_TASKS):
+        raise ConfigError(f"losses must map the tasks ({', '.join(LOSS_TASKS)}) to settings, got {losses!r}")
+    merged = {}
+    for task in LOSS_TASKS:
+        spec = losses[task]
         if isinstance(spec, str):
             spec = {"name": spec}
         if not isinstance(spec, dict) or "name" not in spec:
@@ -151,7 +277,7 @@ def parse_loss_spec(text: str) -> dict:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"loss option {item!r} in {text!r} must look like key=value")
-        spec[key.strip()] = yaml.safe_load(value)
+        spec[key.strip()] = yaml.load(value, Loader=YamlLoader)
     return spec
 
 
@@ -165,6 +291,7 @@ def _positive(cfg, name, allow_zero=False):
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value a user can get wrong; raise one ConfigError naming the flag."""
+    from mtl.transforms import check_augment, size_pair
     cfg.age_threshold = labels.check_threshold(cfg.age_threshold)
     for name, choices in CHOICES.items():
         if choices and getattr(cfg, name) not in choices:
@@ -185,10 +312,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _positive(cfg, name, allow_zero=True)
     if cfg.ema >= 1 or cfg.mix_prob > 1 or cfg.head_dropout >= 1:
         raise ConfigError("--ema and --head-dropout must be below 1 and --mix-prob at most 1")
-    for name in ("epochs", "batch_size", "accumulate", "folds", "fold", "patience", "seed", "workers",
-                 "oversample_old"):
-        if int(getattr(cfg, name)) != getattr(cfg, name):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, got {getattr(cfg, name)!r}")
     from mtl.splits import check_fold
     check_fold(cfg.folds, cfg.fold)
     cfg.img_size = list(size_pair(cfg.img_size, "--img-size"))
@@ -196,17 +319,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.center_crop = list(size_pair(cfg.center_crop, "--center-crop")) if cfg.center_crop else None
     check_augment(cfg.augment)
     check_augment(cfg.oversample_augment)
-    cfg.extra = [cfg.extra] if isinstance(cfg.extra, str) else list(cfg.extra or [])
+    cfg.extra = list(cfg.extra or [])
+    if cfg.pretrained_file:
+        cfg.pretrained = True  # NOTE: a weights file given is used, whatever `pretrained` says (README, Real data)
     from mtl.data import parse_age_range
     parse_age_range(cfg.drop_ages)
+    from mtl.inference import resolve_device
+    resolve_device(cfg.device)
     from mtl.losses import check_loss_spec
     from mtl.model import check_model_config
-    for task in TASK_LOSS_DEFAULTS:
+    for task in LOSS_TASKS:
         check_loss_spec(task, cfg.losses[task])
     check_model_config(cfg)
     return cfg
 
 
 def dump(cfg: TrainConfig) -> str:
-    """The resolved config as YAML, loadable with --config."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML, loadable with --config (without `resume`: it repeats the run, not continues it)."""
+    return yaml.safe_dump({**cfg.to_dict(), "resume": None}, sort_keys=False)

@@ -19,10 +19,25 @@ TTA = ("hflip",)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when there is a GPU, else cpu."""
+    """'auto' -> cuda when there is a GPU, else cpu; a device this machine lacks is a one-line ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:1, ...") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu "
+                              f"(or auto)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: Apple MPS is not available here; use --device cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: only cpu, cuda and mps devices are supported")
+    return device
 
 
 def amp_dtype(amp: str, device: torch.device):

@@ -7,11 +7,13 @@ step, 4) updated every optimizer step.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from mtl.data import read_face_crop_record
 from mtl.dataset import FaceDataset, load_fold
 from mtl.errors import ConfigError, MTLError
 from mtl.inference import amp_dtype, autocast, predict_probs, resolve_device, to_device
-from mtl.io import atomic_write_text
+from mtl.io import WriteError, atomic_copy, atomic_write_text, os_error, prepare_folder, remove_stale_temps
 from mtl.loader import make_loader
 from mtl.losses import build_loss, class_counts
 from mtl.metrics import score
@@ -36,6 +38,8 @@ from mtl.model import model_from_config, normalization, unwrap
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
 TARGET_KEYS = ("mask", "gender", "age_group", "age")
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "config.yaml", "hparams")
+LOG_EVERY = 10  # optimizer steps between points of the train/* curves (and one at each epoch's end)
 
 
 class TrainingError(MTLError):
@@ -80,6 +84,32 @@ def out_dir_for(cfg: TrainConfig) -> Path:
     while path.exists():
         path, k = Path(f"{base}-{k}"), k + 1
     return path
+
+
+def run_files(folder: Path) -> list[str]:
+    """The outputs of a run already in folder: checkpoints, metrics, config, TensorBoard events."""
+    if not folder.is_dir():
+        return []
+    events = sorted(p.name for p in folder.glob("events.out.tfevents*"))
+    return [name for name in RUN_FILES if (folder / name).exists()] + events[:1] + (
+        [f"{len(events) - 1} more events file(s)"] if len(events) > 1 else [])
+
+
+def check_out(out: Path, resume_path=None):
+    """Refuse an output folder that holds a run's files, unless it is the folder of the last.pt being resumed."""
+    if resume_path is not None and out.resolve() == Path(resume_path).resolve().parent:
+        return
+    held = ", ".join(run_files(out))
+    if not held:
+        return
+    if resume_path is not None:
+        raise ConfigError(f"--out {out} already holds a run ({held}); --resume {resume_path} continues next to "
+                          f"that file, or in an --out that holds no run")
+    if (out / "last.pt").is_file():
+        raise ConfigError(f"--out {out} already holds a run ({held}); choose another --out or continue it with "
+                          f"--resume {out / 'last.pt'}")
+    raise ConfigError(f"--out {out} already holds a run's files ({held}) but no last.pt to resume (a run stopped "
+                      f"before its first epoch ended leaves none); choose another --out or delete that folder")
 
 
 def lr_factor(step: int, total: int, warmup: int, eta_ratio: float) -> float:
@@ -140,6 +170,7 @@ def train_one_epoch(state, epoch: int) -> dict:
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     sums, n_seen, t0 = {}, 0, time.time()
+    window, window_n = {}, 0  # NOTE: train/* points are means over the steps since the previous point
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, leave=False,
                disable=not (cfg.progress and state["rank"] == 0))
     opt.zero_grad(set_to_none=True)
@@ -161,7 +192,7 @@ def train_one_epoch(state, epoch: int) -> dict:
                 parts = {k: lam * parts[k] + (1 - lam) * parts_b[k] for k in parts}
             if not torch.isfinite(loss.detach()):
                 raise TrainingError(f"loss became {float(loss.detach())} at epoch {epoch}, step {state['step']} "
-                                    f"(batch {i}); stopped, {state['last_good']} kept; try a lower --lr "
+                                    f"(batch {i}); stopped, {kept(state)} kept; try a lower --lr "
                                     f"or --grad-clip")
             scaler.scale(loss / cfg.accumulate).backward()
         if is_step:
@@ -177,16 +208,19 @@ def train_one_epoch(state, epoch: int) -> dict:
                 state["ema"].update(unwrap(model), step=state["step"])
         n = len(images)
         n_seen += n
+        window_n += n
         for k, v in {"loss": loss, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+            value = float(v.detach()) * n
+            sums[k] = sums.get(k, 0.0) + value
+            window[k] = window.get(k, 0.0) + value
         rate = n_seen * state["world"] / max(time.time() - t0, 1e-9)
         bar.set_postfix(loss=f"{sums['loss'] / n_seen:.3f}", img_s=f"{rate:.0f}")
         writer = state["writer"]
-        if writer is not None and state["step"] % 10 == 0 and is_step:
-            writer.add_scalar("train/loss", float(loss.detach()), state["step"])
-            for k, v in parts.items():
-                writer.add_scalar(f"train/loss_{k}", float(v.detach()), state["step"])
+        if writer is not None and is_step and (state["step"] % LOG_EVERY == 0 or i + 1 == steps_in_epoch):
+            for k, v in window.items():
+                writer.add_scalar("train/loss" if k == "loss" else f"train/loss_{k}", v / window_n, state["step"])
             writer.add_scalar("train/lr", opt.param_groups[0]["lr"], state["step"])
+            window, window_n = {}, 0
     stats = {k: v / max(n_seen, 1) for k, v in sums.items()}
     stats["img_per_s"] = n_seen * state["world"] / max(time.time() - t0, 1e-9)
     return stats
@@ -216,7 +250,7 @@ def evaluate(state) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------- logging
-def log_epoch_images(writer, state, metrics, probs, epoch):
+def log_epoch_images(writer, state, metrics, probs, epoch, step):
     """Confusion matrices per task and for the 18 classes, and a grid of misclassified validation photos."""
     from mtl.metrics import confusion, predict_classes
     from mtl.plots import confusion_figure, photo_grid
@@ -229,10 +263,10 @@ def log_epoch_images(writer, state, metrics, probs, epoch):
     for task in labels.TASKS:
         names = labels.TASK_CLASSES[task]
         cm = confusion(truths[task], parts[task], len(names))
-        writer.add_figure(f"confusion/{task}", confusion_figure(cm, names, f"{task} (epoch {epoch})"), epoch)
+        writer.add_figure(f"confusion/{task}", confusion_figure(cm, names, f"{task} (epoch {epoch})"), step)
     names18 = [labels.class_name(c) for c in range(labels.NUM_JOINT)]
     writer.add_figure("confusion/18_classes", confusion_figure(confusion(truth_joint, pred, labels.NUM_JOINT),
-                                                              names18, f"18 classes (epoch {epoch})"), epoch)
+                                                              names18, f"18 classes (epoch {epoch})"), step)
     wrong = np.flatnonzero(pred != truth_joint)
     if len(wrong) and state["cfg"].log_images:
         from mtl.metrics import recombine
@@ -242,7 +276,7 @@ def log_epoch_images(writer, state, metrics, probs, epoch):
         captions = [f"true {labels.class_name(truth_joint[i])}\npred {labels.class_name(pred[i])} "
                     f"({recombine(probs)[i, pred[i]]:.2f})" for i in worst]
         writer.add_figure("misclassified", photo_grid(images, captions, f"most confident mistakes, epoch {epoch} "
-                                                                        f"(age threshold {threshold})"), epoch)
+                                                                        f"(age threshold {threshold})"), step)
 
 
 def summary_line(epoch, cfg, stats, metrics, seconds, best):
@@ -253,16 +287,16 @@ def summary_line(epoch, cfg, stats, metrics, seconds, best):
 
 
 # ---------------------------------------------------------------- main entry
-def train(cfg: TrainConfig, on_epoch=None, log=print) -> dict:
+def train(cfg: TrainConfig, on_epoch=None, log=print, log_hparams=True) -> dict:
     """Train one fold (or every fold with cfg.all_folds, each into out/fold<k>); returns the best metrics."""
     if not cfg.all_folds:
-        return train_fold(cfg, on_epoch, log)
+        return train_fold(cfg, on_epoch, log, log_hparams)
     out = out_dir_for(cfg)
     results = []
     for k in range(cfg.folds):
         fold_cfg = TrainConfig(**{**cfg.to_dict(), "fold": k, "all_folds": False, "out": str(out / f"fold{k}")})
         log(f"=== fold {k + 1}/{cfg.folds} -> {fold_cfg.out}")
-        results.append(train_fold(fold_cfg, on_epoch, log))
+        results.append(train_fold(fold_cfg, on_epoch, log, log_hparams))
     summary = {"folds": [r["metrics"] for r in results], "f1_mean": float(np.mean([r["best_f1"] for r in results])),
                "f1_std": float(np.std([r["best_f1"] for r in results]))}
     if distributed()[0] == 0:
@@ -283,11 +317,25 @@ def setup(cfg: TrainConfig, log=print) -> dict:
     if resume is not None:
         ckpt_io.check_resumable(resume, cfg)
     out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else out_dir_for(cfg))
-    if rank == 0 and resume is None and (out / "last.pt").exists():
-        raise ConfigError(f"--out {out} already holds a run; choose another --out or continue it with "
-                          f"--resume {out / 'last.pt'}")
+    created = False
+    if rank == 0:  # NOTE: every output check before any model, data or compute
+        check_out(out, cfg.resume)
+        created = prepare_folder(out)
+        stale = remove_stale_temps(out)
+        if stale:
+            log(f"removed {len(stale)} temporary file(s) that killed writes left in {out}")
     cfg.out = str(out)
+    try:
+        return build_state(cfg, resume, out, rank, world, device, log)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # NOTE: only an empty folder this call made: nothing of a run is lost
+        raise
 
+
+def build_state(cfg: TrainConfig, resume, out: Path, rank: int, world: int, device, log=print) -> dict:
+    """The model, data, loss, optimizer and schedule of a run (restored from `resume`, a last.pt, when given)."""
     model = model_from_config(cfg)
     mean, std = normalization(model)
     preprocess = make_preprocess(cfg.img_size, cfg.load_size, cfg.center_crop, mean, std,
@@ -330,7 +378,8 @@ def setup(cfg: TrainConfig, log=print) -> dict:
              "channels_last": channels_last, "preprocess": preprocess, "train_set": train_set, "val_set": val_set,
              "loss_fn": loss_fn, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema,
              "raw_model": model, "step": 0, "start_epoch": 1, "best": -1.0, "best_epoch": 0, "bad_epochs": 0,
-             "best_metrics": {}, "last_good": "no checkpoint yet", "skipped": fold.skipped}
+             "best_metrics": {}, "saved": {}, "skipped": fold.skipped,
+             "resumed": resume}
     if resume is not None:
         restore(state, resume)
         log(f"resumed from {cfg.resume} at epoch {state['start_epoch']} (best f1 {state['best']:.4f})")
@@ -360,7 +409,49 @@ def restore(state, resume):
     for key in ("step", "best", "best_epoch", "bad_epochs", "best_metrics"):
         state[key] = resume["train_state"][key]
     state["start_epoch"] = resume["epoch"] + 1
-    state["last_good"] = resume["path"]
+    state["saved"] = {"last.pt": (resume["path"], resume["epoch"])}
+
+
+def kept(state) -> str:
+    """The checkpoints a stopped run leaves: 'runs/x/last.pt (epoch 3) and runs/x/best.pt (epoch 2)'."""
+    return " and ".join(f"{path} (epoch {epoch})" for path, epoch in state["saved"].values()) or "no checkpoint yet"
+
+
+def checkpoint_epoch(path: Path):
+    """The epoch a checkpoint or metrics.json records, or None when the file is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text()).get("epoch")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # noqa: BLE001 - a file that cannot be read holds no epoch
+        return None
+
+
+def reconcile_best(state, resume, log=print):
+    """After --resume: best.pt and metrics.json hold the best epoch last.pt records, whatever a kill interrupted.
+
+    Per epoch, last.pt is written first (it commits the epoch and its record of the best), then best.pt, then
+    metrics.json; so a kill can only leave these two behind last.pt at an improving epoch, whose weights last.pt
+    holds: they are rewritten from it. Resuming into a new --out copies them from the resumed run's folder.
+    """
+    out, source, best_epoch = state["out"], Path(resume["path"]).parent, state["best_epoch"]
+    if not best_epoch:
+        return
+    if checkpoint_epoch(out / "best.pt") != best_epoch:
+        if best_epoch == resume["epoch"]:
+            ckpt_io.save(checkpoint_dict(state, best_epoch, resume["metrics"], full=False), out / "best.pt")
+        elif source.resolve() != out.resolve() and checkpoint_epoch(source / "best.pt") == best_epoch:
+            atomic_copy(source / "best.pt", out / "best.pt")
+        else:
+            raise ConfigError(f"{out / 'best.pt'} does not hold epoch {best_epoch}, the best epoch "
+                              f"{resume['path']} records, and that epoch's weights are gone; resume from a copy of "
+                              f"the run's folder as it was written")
+        log(f"wrote {out / 'best.pt'}: epoch {best_epoch}, the best epoch {resume['path']} records")
+    state["saved"]["best.pt"] = (out / "best.pt", best_epoch)
+    if checkpoint_epoch(out / "metrics.json") != best_epoch:
+        atomic_write_text(json.dumps(state["best_metrics"], indent=2), out / "metrics.json")
 
 
 def train_loader_for(state, epoch):
@@ -386,7 +477,7 @@ def checkpoint_dict(state, epoch, metrics, full: bool) -> dict:
     cfg = state["cfg"]
     raw = state["raw_model"]
     weights = state["ema"].module.state_dict() if (state["ema"] is not None and not full) else raw.state_dict()
-    out = {"model": weights, "config": cfg.to_dict(), "schema": ckpt_io.schema_for(cfg),
+    out = {"model": weights, "config": {**cfg.to_dict(), "resume": None}, "schema": ckpt_io.schema_for(cfg),
            "preprocess": state["preprocess"], "epoch": epoch, "metrics": metrics}
     if full:
         out.update(optimizer=state["optimizer"].state_dict(), scheduler=state["scheduler"].state_dict(),
@@ -396,25 +487,33 @@ def checkpoint_dict(state, epoch, metrics, full: bool) -> dict:
     return out
 
 
-def train_fold(cfg: TrainConfig, on_epoch=None, log=print) -> dict:
+def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams=True) -> dict:
     """Train one person-level fold; writes best.pt, last.pt, config.yaml, metrics.json and TensorBoard logs."""
     state = setup(cfg, log)
     rank, out = state["rank"], state["out"]
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(dump(cfg), out / "config.yaml")
-        writer = SummaryWriter(str(out))
-        n_train, n_val = len(state["train_set"]), len(state["val_set"])
-        log(f"run {out}: {cfg.arch} {cfg.model}, fold {cfg.fold}/{cfg.folds}, {n_train} train / {n_val} val "
-            f"photos, device {state['device']}{', amp ' + str(state['dtype']).split('.')[-1] if state['dtype'] else ''}"
-            f", age threshold {cfg.age_threshold}")
-    state["writer"] = writer
-    epoch = state["start_epoch"] - 1
+    writer, epochs_run = None, 0
+    state.update(writer=None, where=f"before epoch {state['start_epoch']}")
     try:
+        resumed = state.pop("resumed")  # NOTE: the whole last.pt: dropped once reconciled
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            if resumed is not None:
+                reconcile_best(state, resumed, log)
+            atomic_write_text(dump(cfg), out / "config.yaml")
+        del resumed
+        if rank == 0:
+            writer = state["writer"] = SummaryWriter(str(out))
+            n_train, n_val = len(state["train_set"]), len(state["val_set"])
+            log(f"run {out}: {cfg.arch} {cfg.model}, fold {cfg.fold}/{cfg.folds}, {n_train} train / {n_val} val "
+                f"photos, device {state['device']}"
+                f"{', amp ' + str(state['dtype']).split('.')[-1] if state['dtype'] else ''}"
+                f", age threshold {cfg.age_threshold}")
         for epoch in range(state["start_epoch"], cfg.epochs + 1):
-            t0 = time.time()
+            if cfg.patience and state["bad_epochs"] >= cfg.patience:  # NOTE: a resumed run that had stopped early
+                log(f"the run stopped early at epoch {epoch - 1} (no better 18-class F1 for {cfg.patience} epochs); "
+                    f"nothing to train")
+                break
+            t0, state["where"] = time.time(), f"in epoch {epoch}"
             state["train_loader"] = train_loader_for(state, epoch)
             stats = train_one_epoch(state, epoch)
             metrics, probs = evaluate(state)
@@ -427,43 +526,123 @@ def train_fold(cfg: TrainConfig, on_epoch=None, log=print) -> dict:
             if rank == 0:
                 write_epoch(state, writer, epoch, stats, metrics, probs, improved)
                 log(summary_line(epoch, cfg, stats, metrics, time.time() - t0, improved))
+            epochs_run += 1
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             if cfg.patience and state["bad_epochs"] >= cfg.patience:
                 log(f"early stop: no better 18-class F1 for {cfg.patience} epochs (best {state['best']:.4f} at "
                     f"epoch {state['best_epoch']})")
                 break
-    finally:
         if writer is not None:
-            write_hparams(writer, cfg, state)
+            if log_hparams:
+                write_hparams(writer, cfg, state)
             writer.close()
+            writer = None
+    except Exception as exc:
+        cause = exc if isinstance(exc, WriteError) else (None if isinstance(exc, MTLError) else os_error(exc))
+        if cause is None:
+            raise
+        why = str(cause) if isinstance(cause, WriteError) else (f"cannot write the TensorBoard logs in {out} "
+                                                               f"({cause.strerror or cause})")
+        last = state["saved"].get("last.pt")
+        hint = f"; free space and continue with --resume {last[0]}" if last else ""
+        raise TrainingError(f"{why}; stopped {state['where']}; kept {kept(state)}{hint}") from None
+    finally:
+        if writer is not None:  # stopped by an error or Ctrl-C: the HPARAMS row of the epochs done, if it can be had
+            with contextlib.suppress(Exception):  # NOTE: the error already on its way says what went wrong
+                if log_hparams:
+                    write_hparams(writer, cfg, state)
+            with contextlib.suppress(Exception):
+                writer.close()
     return {"out": str(out), "best_f1": state["best"], "best_epoch": state["best_epoch"],
-            "metrics": state["best_metrics"], "epochs_run": epoch - state["start_epoch"] + 1}
+            "metrics": state["best_metrics"], "epochs_run": epochs_run}
 
 
 def write_epoch(state, writer, epoch, stats, metrics, probs, improved):
-    """Rank 0's per-epoch outputs: scalars, figures, checkpoints, metrics.json."""
-    out = state["out"]
+    """Rank 0's per-epoch outputs: scalars and figures at the global step, then last.pt, best.pt, metrics.json.
+
+    last.pt goes first: it commits the epoch (and its record of the best), so a kill before it redoes the epoch
+    and a kill after it leaves best.pt and metrics.json for reconcile_best to bring up to date on --resume.
+    """
+    out, step = state["out"], state["step"]
     for k, v in metrics.items():
-        writer.add_scalar(f"val/{k}", v, epoch)
-    for k, v in stats.items():
-        writer.add_scalar(f"epoch/{k}", v, epoch)
+        writer.add_scalar(f"val/{k}", v, step)
+    writer.add_scalar("train/img_per_s", stats["img_per_s"], step)
+    writer.add_scalar("train/epoch", epoch, step)
     for k, v in state["loss_fn"].weights().items():
-        writer.add_scalar(f"loss_weight/{k}", v, epoch)
-    log_epoch_images(writer, state, metrics, probs, epoch)
+        writer.add_scalar(f"loss_weight/{k}", v, step)
+    log_epoch_images(writer, state, metrics, probs, epoch, step)
     ckpt_io.save(checkpoint_dict(state, epoch, metrics, full=True), out / "last.pt")
-    state["last_good"] = str(out / "last.pt")
+    state["saved"]["last.pt"] = (out / "last.pt", epoch)
     if improved:
         ckpt_io.save(checkpoint_dict(state, epoch, metrics, full=False), out / "best.pt")
+        state["saved"]["best.pt"] = (out / "best.pt", epoch)
         atomic_write_text(json.dumps(state["best_metrics"], indent=2), out / "metrics.json")
     writer.flush()
 
 
+HPARAMS_LEFT_OUT = ("out", "resume", "progress", "cache", "cache_dir", "workers", "device", "log_images", "all_folds")
+
+
+def hparams_of(cfg: TrainConfig) -> dict:
+    """A run's settings as HPARAMS columns (numbers, booleans, text); loss weights as three numbers."""
+    from mtl.cli import default_text
+    columns = {}
+    for key, value in cfg.to_dict().items():
+        if key in HPARAMS_LEFT_OUT:
+            continue
+        if key == "loss_weights":
+            columns.update({f"loss_weight_{task}": float(w) for task, w in zip(labels.TASKS, value)})
+        elif key == "losses":
+            columns.update({f"loss_{task}": default_text(key, spec) for task, spec in value.items()})
+        elif value is None:
+            columns[key] = "none"
+        elif isinstance(value, (list, tuple, dict)):
+            columns[key] = default_text(key, value)
+        else:
+            columns[key] = value
+    return columns
+
+
+def hparams_summaries(columns: dict, status_success=True) -> list:
+    """TensorBoard summaries of one HPARAMS session (start: the columns, end: its status), without an experiment."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    start = plugin_data_pb2.SessionStartInfo()
+    for key, value in columns.items():
+        if isinstance(value, bool):
+            start.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            start.hparams[key].number_value = value
+        else:
+            start.hparams[key].string_value = str(value)
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS if status_success else api_pb2.STATUS_FAILURE)
+    out = []
+    for tag, data in ((metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
+                      (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end))):
+        data.version = metadata.PLUGIN_DATA_VERSION
+        plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString())
+        out.append(Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))]))
+    return out
+
+
 def write_hparams(writer, cfg, state):
-    """The run's hyper-parameters with its best metrics, so TensorBoard's HPARAMS tab compares runs in one table."""
+    """The run's settings with its best metrics, for TensorBoard's HPARAMS tab, in the run's hparams/ folder.
+
+    Every run logs the same columns and no experiment summary of its own: TensorBoard then builds the table from
+    all runs under --logdir, marks the columns whose values differ between them and shows those first.
+    """
     if not state["best_metrics"]:
         return
-    hparams = {k: (str(v) if isinstance(v, (list, dict)) or v is None else v) for k, v in cfg.to_dict().items()
-               if k not in ("data", "out", "resume", "progress", "cache_dir")}
+    from torch.utils.tensorboard import SummaryWriter
+    folder = Path(writer.log_dir) / "hparams"
+    shutil.rmtree(folder, ignore_errors=True)  # NOTE: a resumed run replaces the session its first part wrote
     metrics = {f"hparam/{k}": float(v) for k, v in state["best_metrics"].items() if k != "epoch"}
-    writer.add_hparams(hparams, metrics, run_name=".")
+    metrics["hparam/best_epoch"] = float(state["best_epoch"])
+    start, end = hparams_summaries(hparams_of(cfg))
+    with SummaryWriter(str(folder)) as hp_writer:
+        events = hp_writer._get_file_writer()
+        events.add_summary(start)
+        for tag, value in metrics.items():
+            hp_writer.add_scalar(tag, value, state["step"])
+        events.add_summary(end)

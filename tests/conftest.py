@@ -11,9 +11,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+# NOTE: configs/default.yaml is the base of every config; TINY also pins what its real-data values would change in
+# the tests' meaning and cost: no age regression, plain losses, no early stopping, 10 epochs unless a test says
 TINY = {"model": "test_efficientnet", "pretrained": False, "img_size": [40, 52], "augment": "flip",
         "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0.2, "workers": 0, "progress": False, "drop_path_rate": 0.0,
-        "head_dropout": 0.0, "log_images": 8, "folds": 5, "fold": 0}
+        "head_dropout": 0.0, "log_images": 8, "folds": 5, "fold": 0, "epochs": 10, "patience": 0,
+        "age_reg_weight": 0.0, "losses": {"mask": {"name": "ce"}, "gender": {"name": "bce"}, "age": {"name": "ce"}}}
 SYNTHETIC_SIZE = (96, 128)
 # what the shared trained run changes in TINY: enough optimizer steps for a tiny CNN to learn (~1 minute)
 LEARNING = {"model": "test_resnet", "img_size": [48, 64], "batch_size": 16, "epochs": 20, "age_reg_weight": 0.1}

@@ -1,4 +1,5 @@
 """Training: it learns, writes every artifact, resumes exactly, runs under DDP, and refuses bad input clearly."""
+import io
 import json
 import os
 import subprocess
@@ -41,13 +42,61 @@ def test_run_writes_every_artifact(trained_run):
     assert config.build(config_file=out / "config.yaml").epochs == 20
     events = EventAccumulator(str(out), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/loss_mask", "train/loss_gender", "train/loss_age", "train/loss_age_reg",
-                "train/lr", "val/f1", "val/mask_f1", "val/age_acc", "val/age_reg_f1", "loss_weight/mask"):
-        assert tag in tags["scalars"], tag
-    for tag in ("confusion/mask", "confusion/gender", "confusion/age", "confusion/18_classes", "misclassified"):
-        assert tag in tags["images"], tag
-    hparams = [p for p in out.rglob("events.out.tfevents*")]
-    assert any(b"hparams" in p.read_bytes() for p in hparams)
+    assert set(tags["scalars"]) == set(TRAIN_SCALARS + VAL_SCALARS + ("loss_weight/mask", "loss_weight/gender",
+                                                                       "loss_weight/age"))
+    assert set(tags["images"]) == {"confusion/mask", "confusion/gender", "confusion/age", "confusion/18_classes",
+                                   "misclassified"}
+    # validation and training share the x-axis (the optimizer step), so their curves overlay
+    epoch_ends = [e.step for e in events.Scalars("train/epoch")]
+    assert [e.value for e in events.Scalars("train/epoch")] == list(range(1, 21))
+    assert [e.step for e in events.Scalars("val/f1")] == epoch_ends
+    assert set(epoch_ends) <= {e.step for e in events.Scalars("train/loss")}
+    assert [e.step for e in events.Images("confusion/mask")] == epoch_ends
+    hparams = EventAccumulator(str(out / "hparams"), size_guidance={"scalars": 0}).Reload()
+    assert hparams.Scalars("hparam/f1")[0].value == pytest.approx(trained_run["best_f1"])
+
+
+TRAIN_SCALARS = ("train/loss", "train/loss_mask", "train/loss_gender", "train/loss_age", "train/loss_age_reg",
+                 "train/lr", "train/img_per_s", "train/epoch")
+VAL_SCALARS = tuple(f"val/{k}" for k in ("f1", "acc", "mask_f1", "mask_acc", "gender_f1", "gender_acc", "age_f1",
+                                         "age_acc", "age_reg_mae", "age_reg_f1", "age_reg_acc", "f1_age_reg"))
+
+
+def hparams_experiment(logdir):
+    """The HPARAMS table TensorBoard's hparams plugin builds for a logdir: (hparam infos, metric names)."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    backend = backend_context.Context(base_plugin.TBContext(data_provider=provider, logdir=str(logdir),
+                                                            multiplexer=mux))
+    ctx = context.RequestContext()
+    experiment = backend.experiment_from_metadata(ctx, "", True, backend.hparams_metadata(ctx, ""),
+                                                  backend.hparams_from_data_provider(ctx, "", 1000))
+    return {h.name: h for h in experiment.hparam_infos}, [m.name.tag for m in experiment.metric_infos]
+
+
+def test_hparams_table_puts_the_settings_that_differ_first(trained_run, tiny_config, tmp_path):
+    import shutil
+    shutil.copytree(trained_run["out"], tmp_path / "logs" / "a")
+    train(tiny_config(epochs=1, out=str(tmp_path / "logs" / "b"), lr=1e-3, loss_weights=[1.0, 2.0, 1.0]), **QUIET)
+    columns, metrics = hparams_experiment(tmp_path / "logs")
+    assert {"loss_weight_mask", "loss_weight_gender", "loss_weight_age"} <= set(columns)
+    assert "loss_weights" not in columns and "out" not in columns and "cache_dir" not in columns
+    assert columns["loss_weight_gender"].differs and not columns["loss_weight_mask"].differs
+    differing = {name for name, info in columns.items() if info.differs}
+    assert {"lr", "model", "epochs", "img_size", "batch_size", "age_reg_weight"} <= differing
+    assert not columns["seed"].differs and not columns["arch"].differs
+    assert set(metrics) == {f"hparam/{k}" for k in ("f1", "acc", "mask_f1", "mask_acc", "gender_f1", "gender_acc",
+                                                     "age_f1", "age_acc", "best_epoch")} | {
+        f"hparam/{k}" for k in ("age_reg_mae", "age_reg_f1", "age_reg_acc", "f1_age_reg")}
+    events = (tmp_path / "logs").rglob("events.out.tfevents*")
+    # NOTE: no run writes an experiment summary: one run's would fix the columns for every run
+    assert not [p for p in events if b"_hparams_/experiment" in p.read_bytes()]
 
 
 def test_checkpoint_rebuilds_the_model(trained_run):
@@ -202,3 +251,161 @@ def test_ddp_two_cpu_processes(synthetic_data, cache_dir, tmp_path):
     assert len(list(out.glob("events.out.tfevents*"))) >= 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["f1"] <= 1
+
+
+# ---------------------------------------------------------------- where runs write, and what they refuse
+def cli(argv, capsys=None):
+    """train_multitask.py in-process: its exit code (0 on success) and, with capsys, its stderr."""
+    import train_multitask
+    from mtl.cli import main_guard
+    try:
+        main_guard(lambda: train_multitask.main([str(a) for a in argv]))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, (capsys.readouterr().err.strip() if capsys else None)
+
+
+def test_resume_writes_next_to_the_resumed_file(tiny_config, tmp_path, monkeypatch, capsys):
+    import shutil
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    train(tiny_config(epochs=1, out="runs/first"), **QUIET)  # a relative --out, as users type it
+    original = {name: (tmp_path / "a" / "runs" / "first" / name).read_bytes() for name in ("last.pt", "best.pt")}
+    shutil.copytree(tmp_path / "a" / "runs" / "first", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "b")  # another working directory, an absolute path
+    assert cli(["--resume", tmp_path / "copy" / "last.pt", "--epochs", "2"], capsys)[0] == 0
+    assert checkpoint.load(tmp_path / "copy" / "last.pt")["epoch"] == 2
+    assert json.loads((tmp_path / "copy" / "metrics.json").read_text())["epoch"] == \
+        checkpoint.load(tmp_path / "copy" / "best.pt")["epoch"]
+    assert not (tmp_path / "b" / "runs").exists()
+    for name, content in original.items():
+        assert (tmp_path / "a" / "runs" / "first" / name).read_bytes() == content, name
+    code, err = cli(["--resume", tmp_path / "copy" / "last.pt", "--out", tmp_path / "a" / "runs" / "first"], capsys)
+    assert code == 2 and "already holds a run" in err  # never into another run's folder
+
+
+def test_resume_into_a_new_out_carries_the_best_checkpoint(tiny_config, tmp_path, capsys):
+    train(tiny_config(epochs=2, out=str(tmp_path / "first")), **QUIET)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "first").iterdir() if p.is_file()}
+    assert cli(["--resume", tmp_path / "first" / "last.pt", "--out", tmp_path / "second", "--epochs", "3"],
+               capsys)[0] == 0
+    last = checkpoint.load(tmp_path / "second" / "last.pt")
+    best = checkpoint.load(tmp_path / "second" / "best.pt")
+    assert last["epoch"] == 3 and best["epoch"] == last["train_state"]["best_epoch"]
+    assert json.loads((tmp_path / "second" / "metrics.json").read_text())["epoch"] == best["epoch"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "first").iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("held", ["best.pt", "metrics.json", "config.yaml", "events.out.tfevents.1.host", "hparams",
+                                  "last.pt"])
+def test_out_holding_any_file_of_a_run_is_refused(tiny_config, tmp_path, held):
+    out = tmp_path / "trial"
+    out.mkdir()
+    (out / held).mkdir() if held == "hparams" else (out / held).write_bytes(b"kept")
+    with pytest.raises(ConfigError, match="already holds a run") as err:
+        train(tiny_config(epochs=1, out=str(out)), **QUIET)
+    assert ("--resume" in str(err.value)) == (held == "last.pt")
+    assert sorted(p.name for p in out.iterdir()) == [held]
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_data_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    flags = ["--config", ROOT / "configs" / "demo.yaml", "--data", tmp_path / "no-such-data"]
+    code, err = cli([*flags, "--out", tmp_path / "file" / "run"], capsys)
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'file' / 'run'}: cannot write there")
+    code, err = cli([*flags, "--out", tmp_path / "file"], capsys)
+    assert code == 2 and err == f"error: --out {tmp_path / 'file'} is a file, not a folder"
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root in a container that allows mounts)")
+    try:
+        code, err = cli([*flags, "--out", readonly / "run"], capsys)
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+    assert code == 2 and err == f"error: --out {readonly / 'run'}: cannot write there (Read-only file system)"
+
+
+@pytest.mark.parametrize("full", ["file_size_limit", "tmpfs"])
+def test_a_full_disk_mid_run_is_one_line_that_says_what_was_kept(tiny_config, tmp_path, capsys, full):
+    import resource
+    import shutil
+    first = train(tiny_config(epochs=1, out=str(tmp_path / "run")), **QUIET)
+    run = Path(first["out"])
+    size = (run / "last.pt").stat().st_size
+    if full == "tmpfs":
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        used = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used + 600_000}", "tmpfs", str(disk)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root in a container that allows mounts)")
+        try:
+            shutil.copytree(run, disk / "run")
+            code, err = cli(["--resume", disk / "run" / "last.pt", "--epochs", "2"], capsys)
+            left = {p.name: p.read_bytes() for p in (disk / "run").iterdir() if p.is_file()}
+        finally:
+            subprocess.run(["umount", str(disk)], check=True)
+        run, why = disk / "run", "No space left on device"
+    else:  # NOTE: works for any user: writes past RLIMIT_FSIZE fail with EFBIG (Python ignores SIGXFSZ)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, limit[1]))
+        try:
+            code, err = cli(["--resume", run / "last.pt", "--epochs", "2"], capsys)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        left = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        why = "File too large"
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err == (f"error: cannot write {run / 'last.pt'} ({why}); it is unchanged; stopped in epoch 2; kept "
+                   f"{run / 'last.pt'} (epoch 1) and {run / 'best.pt'} (epoch 1); free space and continue with "
+                   f"--resume {run / 'last.pt'}")
+    assert not [name for name in left if name.endswith(".tmp")]
+    assert torch.load(io.BytesIO(left["last.pt"]), weights_only=True)["epoch"] == 1
+    assert torch.load(io.BytesIO(left["best.pt"]), weights_only=True)["epoch"] == 1
+
+
+def test_resume_repairs_best_pt_and_metrics_json_behind_last_pt(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(epochs=1, out=str(out)), **QUIET)
+    best = checkpoint.load(out / "best.pt")
+    metrics = (out / "metrics.json").read_text()
+    (out / "best.pt").unlink()  # what a kill right after last.pt of an improving epoch leaves
+    (out / "metrics.json").unlink()
+    resumed = train(config.build({"resume": str(out / "last.pt")}, base=checkpoint.load(out / "last.pt")["config"]),
+                    **QUIET)
+    assert resumed["epochs_run"] == 0
+    repaired = checkpoint.load(out / "best.pt")
+    assert repaired["epoch"] == best["epoch"] == 1 and repaired["metrics"] == best["metrics"]
+    assert all(torch.equal(repaired["model"][k], best["model"][k]) for k in best["model"])
+    assert (out / "metrics.json").read_text() == metrics
+
+
+def test_resume_removes_the_temp_files_of_killed_writes(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(epochs=1, out=str(out)), **QUIET)
+    for name in (".last.pt.k1ll3d00.tmp", ".best.pt.abc_1234.tmp", "notes.tmp"):
+        (out / name).write_bytes(b"half a checkpoint")
+    train(config.build({"resume": str(out / "last.pt")}, base=checkpoint.load(out / "last.pt")["config"]), **QUIET)
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp"]
+
+
+def test_a_run_that_stopped_early_trains_no_more_when_resumed(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(epochs=1, out=str(out)), **QUIET)
+    last = torch.load(out / "last.pt", weights_only=True)
+    last["train_state"]["bad_epochs"] = 2  # as if epochs without a better F1 had stopped it
+    torch.save(last, out / "last.pt")
+    seen = []
+    result = train(config.build({"resume": str(out / "last.pt"), "patience": 2, "epochs": 3}, base=last["config"]),
+                   on_epoch=lambda e, m: seen.append(e), **QUIET)
+    assert seen == [] and result["epochs_run"] == 0 and checkpoint.load(out / "last.pt")["epoch"] == 1
+
+
+def test_outputs_are_readable_by_the_group_the_umask_allows(trained_run):
+    from mtl.io import current_umask
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.json"):
+        assert (Path(trained_run["out"]) / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
