@@ -253,16 +253,16 @@ def summary_line(epoch, cfg, stats, metrics, seconds, best):
 
 
 # ---------------------------------------------------------------- main entry
-def train(cfg: TrainConfig, on_epoch=None, log=print) -> dict:
+def train(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) -> dict:
     """Train one fold (or every fold with cfg.all_folds, each into out/fold<k>); returns the best metrics."""
     if not cfg.all_folds:
-        return train_fold(cfg, on_epoch, log)
+        return train_fold(cfg, on_epoch, log, log_hparams)
     out = out_dir_for(cfg)
     results = []
     for k in range(cfg.folds):
         fold_cfg = TrainConfig(**{**cfg.to_dict(), "fold": k, "all_folds": False, "out": str(out / f"fold{k}")})
         log(f"=== fold {k + 1}/{cfg.folds} -> {fold_cfg.out}")
-        results.append(train_fold(fold_cfg, on_epoch, log))
+        results.append(train_fold(fold_cfg, on_epoch, log, log_hparams))
     summary = {"folds": [r["metrics"] for r in results], "f1_mean": float(np.mean([r["best_f1"] for r in results])),
                "f1_std": float(np.std([r["best_f1"] for r in results]))}
     if distributed()[0] == 0:
@@ -396,7 +396,7 @@ def checkpoint_dict(state, epoch, metrics, full: bool) -> dict:
     return out
 
 
-def train_fold(cfg: TrainConfig, on_epoch=None, log=print) -> dict:
+def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) -> dict:
     """Train one person-level fold; writes best.pt, last.pt, config.yaml, metrics.json and TensorBoard logs."""
     state = setup(cfg, log)
     rank, out = state["rank"], state["out"]
@@ -435,7 +435,8 @@ def train_fold(cfg: TrainConfig, on_epoch=None, log=print) -> dict:
                 break
     finally:
         if writer is not None:
-            write_hparams(writer, cfg, state)
+            if log_hparams:  # NOTE: a tuning trial's hparams are its searched values, written by the study
+                write_hparams(writer, cfg, state)
             writer.close()
     return {"out": str(out), "best_f1": state["best"], "best_epoch": state["best_epoch"],
             "metrics": state["best_metrics"], "epochs_run": epoch - state["start_epoch"] + 1}
