@@ -2,29 +2,34 @@
 
 A study samples TrainConfig keys from a search-space YAML (configs/search_space.yaml: by default
 the three task loss weights and the learning rate), trains one person-level fold per trial and
-maximizes the validation 18-class macro F1. Every epoch's F1 goes to the pruner (median by
-default, Hyperband on request). A trial that fails (NaN loss, out of memory, a bad photo) is
-recorded as failed with its reason and the study goes on.
+maximizes the validation 18-class macro F1 (the objective is named val_f1_18). Every epoch's F1
+goes to the pruner (median by default, Hyperband on request). A trial that fails (NaN loss, out of
+memory, a bad photo) is recorded as failed with its reason and the study goes on. Trials run in
+Optuna's own `study.optimize`, which stops (MaxTrialsCallback) once the study has --trials finished
+or running ones.
 
 The study lives in `<out>/study.db` (SQLite), in `<out>/journal.log` (Optuna's JournalStorage, for
 parallel worker processes) or in a database given by URL (several machines), so the same command
-run again continues it: finished trials (complete or pruned) count toward --trials.
+run again continues it: finished trials (complete or pruned) count toward --trials. A trial whose
+worker died is failed and run again with the same values: by Optuna's storage heartbeat (database
+storages, any machine, after --heartbeat-grace seconds) and, at once, by the next run on the same
+machine (its process is gone).
 
 Outputs in the study folder: base_config.yaml and search_space.yaml (what the trials start from and
-vary), trials/<number>/ (each trial's run: config.yaml, best.pt, TensorBoard logs with its hparams),
-trials.csv, best.yaml (the best trial's config, for `train_multitask.py --config best.yaml`),
-history.png, importances.png and tensorboard/ (the study's F1 per trial and one hparams entry per
-finished trial with the searched values).
+vary), trials/<number>/ (each trial's run: config.yaml, best.pt, TensorBoard logs with its searched
+values as hparams), trials.csv, best.yaml (the best trial's config, for `train_multitask.py --config
+best.yaml`), history.png, importances.png and tensorboard/ (the study's F1 per trial).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import gc
 import json
+import logging
 import math
 import os
+import random
 import signal
 import socket
 import sys
@@ -48,9 +53,17 @@ NOT_SEARCHABLE = ("data", "out", "resume", "all_folds", "folds", "fold", "device
 PRUNERS = ("median", "hyperband", "none")
 LOSS_WEIGHT_SUM = 3.0  # NOTE: normalized to sum 3, so the untuned default [1, 1, 1] is a point of the space
 MEDIAN_STARTUP_TRIALS = 5
-STALE_AFTER_S = 6 * 3600  # NOTE: a RUNNING trial of another machine silent this long (no epoch ended) is dead
 TOP_METRICS = ("mask_f1", "gender_f1", "age_f1")
 START_WAIT_S = 300  # parallel workers wait this long at most for each other before their first trial
+METRIC_NAME = "val_f1_18"  # the objective's name in Optuna (optuna-dashboard shows it)
+HEARTBEAT_INTERVAL_S, HEARTBEAT_GRACE_S = 60, 180  # NOTE: a trial silent for 3 minutes is dead: run it again
+MAX_RETRIES = 2  # a trial whose worker died runs again with the same values at most this often
+START_TRIES = 5  # opening the study: tries while other machines create the same fresh database's tables
+# the pip package of each database driver SQLAlchemy may ask for (module -> package)
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL", "mysql": "mysql-connector-python", "pg8000": "pg8000",
+                   "asyncpg": "asyncpg", "pyodbc": "pyodbc", "oracledb": "oracledb", "cx_Oracle": "cx_Oracle",
+                   "aiosqlite": "aiosqlite", "pysqlite2": "pysqlite3", "mariadb": "mariadb"}
 
 
 class TuningError(MTLError):
@@ -74,6 +87,8 @@ class TuneSettings:
     max_failures: int = 5
     sampler_seed: int | None = None
     top: int = 10
+    heartbeat_interval: int = HEARTBEAT_INTERVAL_S
+    heartbeat_grace: int = HEARTBEAT_GRACE_S
 
 
 def check_settings(settings: TuneSettings) -> TuneSettings:
@@ -82,13 +97,18 @@ def check_settings(settings: TuneSettings) -> TuneSettings:
     if not name or "/" in name or name.strip() != name:
         raise ConfigError(f"--study-name must be a plain name (it names the folder), got {name!r}")
     for flag, value, low in (("--trials", settings.trials, 1), ("--workers", settings.workers, 1),
-                             ("--max-failures", settings.max_failures, 1), ("--top", settings.top, 1)):
+                             ("--max-failures", settings.max_failures, 1), ("--top", settings.top, 1),
+                             ("--heartbeat-interval", settings.heartbeat_interval, 1),
+                             ("--heartbeat-grace", settings.heartbeat_grace, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{flag} must be a whole number >= {low}, got {value!r}")
     if settings.timeout is not None and not settings.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {settings.timeout!r}")
     if settings.pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {settings.pruner!r}")
+    if settings.heartbeat_grace <= settings.heartbeat_interval:
+        raise ConfigError(f"--heartbeat-grace ({settings.heartbeat_grace} s) must be longer than "
+                          f"--heartbeat-interval ({settings.heartbeat_interval} s), or live trials count as dead")
     warmup = settings.pruner_warmup
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1):
         raise ConfigError(f"--pruner-warmup must be a whole number of epochs >= 1, got {warmup!r}")
@@ -314,6 +334,41 @@ def _fmt(value):
 
 
 # ---------------------------------------------------------------- storage and study
+def shown_storage(target) -> str:
+    """The storage as it may be printed or written: a database URL with its password masked."""
+    if not target or "://" not in str(target):
+        return str(target)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        return make_url(str(target)).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<database URL>"  # NOTE: never echo a URL that cannot be read: it may hold a password
+
+
+def check_database_url(url: str):
+    """A one-line error, before any trial, for a URL SQLAlchemy cannot read or whose driver is not installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError("--storage: not a database URL (dialect+driver://USER:PASSWORD@HOST/DB, "
+                          "e.g. postgresql://USER@HOST/DB) nor a journal file path") from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"--storage {shown}: unknown database {parsed.drivername!r} (known to SQLAlchemy: "
+                          f"postgresql, mysql, sqlite, mssql, oracle)") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = (exc.name or parsed.get_driver_name()).split(".")[0]
+        raise ConfigError(f"--storage {shown}: the database driver {module!r} for {parsed.drivername}:// is not "
+                          f"installed: pip install {DRIVER_PACKAGES.get(module, module)}") from None
+
+
 def resolve_storage(settings: TuneSettings, log=print) -> str:
     """--storage, or the study folder's journal.log (parallel workers, or if it exists) or study.db (SQLite)."""
     import optuna
@@ -322,6 +377,7 @@ def resolve_storage(settings: TuneSettings, log=print) -> str:
         if target.startswith("sqlite") and settings.workers > 1:
             raise ConfigError("SQLite does not take parallel writers: with --workers leave out --storage (a "
                               "journal file in the study folder is used) or give a postgresql:// URL")
+        check_database_url(target)
         return target
     if target:
         return str(Path(target))
@@ -340,14 +396,40 @@ def resolve_storage(settings: TuneSettings, log=print) -> str:
     return str(journal)
 
 
-def open_storage(target: str):
-    """An Optuna storage: a database URL (RDB) or a journal file path (JournalStorage)."""
+class RetryDeadTrial:
+    """A trial whose worker died (no heartbeat within the grace period, or its process gone) runs again with the
+    same values: Optuna's RetryFailedTrialCallback queues it, at most MAX_RETRIES times."""
+
+    def __init__(self, log=print):
+        from optuna.storages import RetryFailedTrialCallback
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NOTE: ExperimentalWarning
+            self.retry = RetryFailedTrialCallback(max_retry=MAX_RETRIES)
+        self.log = log
+
+    def __call__(self, study, trial):
+        runs = len(trial.system_attrs.get("retry_history", ())) + 1
+        if runs > MAX_RETRIES:
+            self.log(f"trial {trial.number}: its worker died; not run again (its values ran {runs} times)")
+            return
+        self.retry(study, trial)
+        self.log(f"trial {trial.number}: its worker died (no heartbeat, or its process is gone); queued to run "
+                 f"again with the same values")
+
+
+def open_storage(target: str, settings: TuneSettings | None = None, log=print):
+    """An Optuna storage: a journal file path (JournalStorage), or a database URL (RDBStorage with heartbeats, so a
+    trial whose worker died is failed and run again, by any machine, after the grace period)."""
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
-    if "://" in target:
-        return RDBStorage(target)
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(target)))
+    if "://" not in target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(target)))
+    settings = settings or TuneSettings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NOTE: ExperimentalWarning of heartbeat_interval
+        return RDBStorage(target, heartbeat_interval=settings.heartbeat_interval,
+                          grace_period=settings.heartbeat_grace, failed_trial_callback=RetryDeadTrial(log))
 
 
 def median_warmup(epochs: int, warmup: int | None = None) -> int:
@@ -371,20 +453,34 @@ def make_pruner(name: str, epochs: int, warmup: int | None = None):
     return optuna.pruners.NopPruner()
 
 
-def open_study(settings: TuneSettings, epochs: int, index: int = 0):
-    """Create the study, or load it when it exists (so a rerun or another worker joins it)."""
+def open_study(settings: TuneSettings, epochs: int, index: int = 0, log=print):
+    """Create the study, or load it when it exists (a rerun, another worker or machine joins it); the objective is
+    named val_f1_18. Machines starting at the same moment on a fresh database do not trip over each other."""
     import optuna
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import DBAPIError
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = optuna.create_study(storage=open_storage(settings.storage), study_name=settings.study_name,
-                                    direction="maximize",
-                                    pruner=make_pruner(settings.pruner, epochs, settings.pruner_warmup),
-                                    load_if_exists=True)
-        seed = settings.sampler_seed
-        if seed is not None:  # NOTE: offset per worker and per rerun, or they would replay the same trials
-            seed += 1000 * index + len(study.get_trials(deepcopy=False))
-        study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=settings.workers > 1)
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study = optuna.create_study(storage=open_storage(settings.storage, settings, log),
+                                            study_name=settings.study_name, direction="maximize",
+                                            pruner=make_pruner(settings.pruner, epochs, settings.pruner_warmup),
+                                            load_if_exists=True)
+                study.set_metric_names([METRIC_NAME])
+            break
+        except (DBAPIError, StorageInternalError) as exc:
+            # NOTE: both create the tables of a fresh database (IntegrityError in PostgreSQL's catalog): the loser's
+            # transaction is rolled back, and its next try finds the winner's tables
+            if attempt == START_TRIES:
+                raise ConfigError(f"cannot open study {settings.study_name!r} in {shown_storage(settings.storage)}: "
+                                  f"{one_line(exc)}") from None
+            time.sleep(random.uniform(0.1, 0.5) * attempt)
+    seed = settings.sampler_seed
+    if seed is not None:  # NOTE: offset per worker and per rerun, or they would replay the same trials
+        seed += 1000 * index + len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=settings.workers > 1)
     return study
 
 
@@ -394,9 +490,21 @@ def counted_states():
     return (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+def busy_states():
+    """Finished or running: no new trial starts once --trials of these exist."""
+    from optuna.trial import TrialState
+    return (*counted_states(), TrialState.RUNNING)
+
+
 def finished(study) -> int:
     """Trials that count toward --trials: complete and pruned ones (failed ones are retried)."""
     return len(study.get_trials(deepcopy=False, states=counted_states()))
+
+
+def running(study) -> int:
+    """Trials running now (here, in other workers or on other machines)."""
+    from optuna.trial import TrialState
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def record_settings(study, base: config.TrainConfig, space: dict, settings: TuneSettings, log=print):
@@ -425,8 +533,34 @@ def check_trial_folders(study, settings: TuneSettings):
     stray = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in numbers)
     if stray:
         raise ConfigError(f"{root} holds runs that are not trials of study {settings.study_name!r} in "
-                          f"{settings.storage} ({', '.join(stray[:5])}{', ...' if len(stray) > 5 else ''}); "
-                          f"choose another --out or --study-name")
+                          f"{shown_storage(settings.storage)} ({', '.join(stray[:5])}"
+                          f"{', ...' if len(stray) > 5 else ''}); choose another --out or --study-name")
+
+
+def _is_tmp(path: Path) -> bool:
+    """An unfinished atomic write (mtl/io.py: .<name>.<random>.tmp next to its target)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def clean_leftovers(study, settings: TuneSettings, log=print) -> list:
+    """Remove what killed runs left behind: last.pt in the folders of trials not running (trials never resume)
+    and unfinished atomic writes (.tmp) there and in the study folder."""
+    from optuna.trial import TrialState
+    out = Path(settings.out)
+    live = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    left = []
+    if (out / "trials").is_dir():
+        for folder in (p for p in (out / "trials").iterdir() if p.is_dir() and p.name not in live):
+            left += [p for p in folder.iterdir() if p.name == "last.pt" or _is_tmp(p)]
+    # NOTE: the study folder's own files are written in milliseconds: a .tmp a minute old is a killed write
+    left += [p for p in out.iterdir() if _is_tmp(p) and time.time() - p.stat().st_mtime > 60]
+    for path in left:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    if left:
+        log(f"removed {len(left)} leftover file{'s' if len(left) > 1 else ''} of killed runs: "
+            f"{', '.join(str(p.relative_to(out)) for p in sorted(left)[:5])}{', ...' if len(left) > 5 else ''}")
+    return left
 
 
 def _alive(pid) -> bool:
@@ -440,53 +574,46 @@ def _alive(pid) -> bool:
     return True
 
 
-def fail_stale_trials(study, log=print):
-    """Mark RUNNING trials failed whose worker is gone: its process (on this machine) or its epochs (elsewhere)."""
+def _has_heartbeat(study) -> bool:
+    """Whether the study's storage records heartbeats (our RDB storages do; Optuna's JournalStorage cannot)."""
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
+
+
+def fail_dead_trials(study, log=print) -> int:
+    """Fail the RUNNING trials of this machine whose process is gone (killed, crashed) and queue them again, at once
+    (Optuna's heartbeat does it for any machine, but only after its grace period, and journals have none)."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
-    host, now = socket.gethostname(), time.time()
+    host, storage, failed = socket.gethostname(), study._storage, 0  # NOTE: as Optuna's own fail_stale_trials
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = t.user_attrs
-        if "pid" not in attrs:
-            continue  # NOTE: just asked by another worker, which sets host and pid next
-        if attrs.get("host") == host:
-            gone = not _alive(attrs["pid"])
-        else:
-            gone = now - attrs.get("alive_at", now) > STALE_AFTER_S
-        if gone:
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            log(f"trial {t.number} marked failed: its worker ({attrs.get('host')} pid {attrs['pid']}) is gone")
-
-
-@contextlib.contextmanager
-def _locked(path):
-    """An exclusive file lock, so local workers never start more trials than --trials between them."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        worker = t.user_attrs.get("worker")
+        # NOTE: a trial just asked, or a retry that still carries its dead predecessor's worker, is not judged
+        if not isinstance(worker, dict) or worker.get("trial") != t.number or worker.get("host") != host:
+            continue
+        if _alive(worker.get("pid")):
+            continue
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"its process (pid {worker.get('pid')} on "
+                                                                  f"{host}) ended without a word (killed?)")
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:
+            continue  # another worker failed it first (and queued it again)
+        failed += 1
+        RetryDeadTrial(log)(study, storage.get_trial(t._trial_id))
+    return failed
 
 
-def next_trial(study, settings: TuneSettings, log=print):
-    """A new trial, or None when finished + running trials already reach --trials."""
-    from optuna.trial import TrialState
-    busy = (*counted_states(), TrialState.RUNNING)
-    with _locked(Path(settings.out) / ".ask.lock"):
-        fail_stale_trials(study, log)
-        if len(study.get_trials(deepcopy=False, states=busy)) >= settings.trials:
-            return None
-        trial = study.ask()
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("alive_at", time.time())
-    # NOTE: the lock covers one machine; workers on others (database URL) may race: the later trial gives way
-    earlier = [t for t in study.get_trials(deepcopy=False, states=busy) if t.number < trial.number]
-    if len(earlier) >= settings.trials:
-        trial.set_user_attr("fail_reason", f"not needed: the study already had {settings.trials} trials")
-        study.tell(trial, state=TrialState.FAIL)
-        return None
-    return trial
+def release_dead_trials(study, log=print):
+    """Before counting trials: fail (and queue again) trials whose worker died, by Optuna's heartbeat where the
+    storage has one, else by this machine's process table."""
+    import optuna
+    if _has_heartbeat(study):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    else:
+        fail_dead_trials(study, log)
 
 
 # ---------------------------------------------------------------- trials
@@ -496,68 +623,104 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")[:400]
 
 
-def run_trial(study, trial, settings: TuneSettings, space: dict, base: config.TrainConfig, log=print):
-    """Train one trial with mtl.train.train, reporting F1 every epoch; tell the study; return the FrozenTrial."""
-    import optuna
-    import mtl.train
-    from optuna.trial import TrialState
-    out = Path(settings.out) / "trials" / str(trial.number)
-
-    def tlog(msg):
-        log(f"[trial {trial.number}] {msg}")
-
-    try:
-        values = sample(trial, space, base.losses)
-        if "loss_weights" in values:
-            trial.set_user_attr("loss_weights", values["loss_weights"])
-        cfg = config.build({**settings.overrides, **to_overrides(values, base.losses), "out": str(out)},
-                           settings.config)
-        trial.set_user_attr("config", cfg.to_dict())
-        trial.set_user_attr("out", str(out))
-        tlog(describe(values))
-
-        def on_epoch(epoch, metrics):
-            trial.set_user_attr("epochs_run", epoch)
-            trial.set_user_attr("alive_at", time.time())
-            trial.report(float(metrics["f1"]), epoch)
-            if epoch < cfg.epochs and trial.should_prune():  # NOTE: stopping after the last epoch saves nothing
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} (f1 {metrics['f1']:.4f})")
-
-        result = mtl.train.train(cfg, on_epoch=on_epoch, log=tlog)
-        if not math.isfinite(result["best_f1"]):
-            raise TuningError(f"validation F1 is {result['best_f1']}")
-        trial.set_user_attr("epochs_run", int(result["epochs_run"]))
-        trial.set_user_attr("best_epoch", int(result["best_epoch"]))
-        trial.set_user_attr("metrics", {k: float(v) for k, v in result["metrics"].items()
-                                        if isinstance(v, (int, float))})
-        frozen = study.tell(trial, float(result["best_f1"]))
-    except optuna.TrialPruned as exc:
-        tlog(str(exc))
-        frozen = study.tell(trial, state=TrialState.PRUNED)
-    except KeyboardInterrupt:
-        _fail(study, trial, "interrupted (Ctrl-C)")
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure ends this trial, not the study
-        if not isinstance(exc, MTLError):
-            tlog(traceback.format_exc().rstrip())
-        tlog(f"failed: {one_line(exc)}; the study goes on")
-        frozen = _fail(study, trial, one_line(exc))
-    finally:
-        with contextlib.suppress(OSError):
-            (out / "last.pt").unlink()  # NOTE: trials are never resumed; best.pt stays
-        _free_memory()
-    if frozen.state == TrialState.COMPLETE:
-        tlog(f"f1 {frozen.value:.4f} (epoch {frozen.user_attrs.get('best_epoch')}); best so far "
-             f"{study.best_value:.4f} (trial {study.best_trial.number})")
-    log_trial_tensorboard(study, frozen, settings)
-    return frozen
+class NotNeeded(Exception):
+    """This trial started when the study already had --trials finished or running ones (a race between workers)."""
 
 
-def _fail(study, trial, reason):
-    from optuna.trial import TrialState
-    with contextlib.suppress(Exception):
-        trial.set_user_attr("fail_reason", reason)
-    return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+class Objective:
+    """study.optimize's objective and callback: one trial trains with mtl.train.train, reporting F1 every epoch, and
+    returns its best F1; a failure is recorded with its reason; --max-failures in a row stop the study."""
+
+    def __init__(self, settings: TuneSettings, space: dict, base: config.TrainConfig, log=print):
+        self.settings, self.space, self.base, self.log = settings, space, base, log
+        self.failures, self.error, self.taken_over = 0, None, None
+
+    def __call__(self, trial) -> float:
+        import optuna
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        import mtl.train
+        settings, base = self.settings, self.base
+        out = Path(settings.out) / "trials" / str(trial.number)
+
+        def tlog(msg):
+            self.log(f"[trial {trial.number}] {msg}")
+
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=busy_states()) if t.number < trial.number]
+        if len(earlier) >= settings.trials:  # NOTE: workers asking at the same moment: the later trial gives way
+            trial.set_user_attr("fail_reason", f"not needed: the study already had {settings.trials} trials")
+            raise NotNeeded(trial.number)
+        if "worker" in trial.user_attrs:  # a retry: forget what its dead predecessor recorded
+            trial.set_user_attr("fail_reason", "")
+            trial.set_user_attr("epochs_run", 0)
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "trial": trial.number})
+        try:
+            values = sample(trial, self.space, base.losses)
+            if "loss_weights" in values:
+                trial.set_user_attr("loss_weights", values["loss_weights"])
+                for task, weight in zip(labels.TASKS, values["loss_weights"]):
+                    trial.set_user_attr(f"loss_weight_{task}_normalized", weight)
+            cfg = config.build({**settings.overrides, **to_overrides(values, base.losses), "out": str(out)},
+                               settings.config)
+            trial.set_user_attr("config", cfg.to_dict())
+            trial.set_user_attr("out", str(out))
+            tlog(describe(values))
+
+            def on_epoch(epoch, metrics):
+                trial.set_user_attr("epochs_run", epoch)
+                trial.report(float(metrics["f1"]), epoch)
+                if epoch < cfg.epochs and trial.should_prune():  # NOTE: stopping after the last epoch saves nothing
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch} (f1 {metrics['f1']:.4f})")
+
+            # NOTE: the study writes each trial's hparams (its searched values) itself, once: see log_trial_tensorboard
+            result = mtl.train.train(cfg, on_epoch=on_epoch, log=tlog, log_hparams=False)
+            if not math.isfinite(result["best_f1"]):
+                raise TuningError(f"validation F1 is {result['best_f1']}")
+            trial.set_user_attr("epochs_run", int(result["epochs_run"]))
+            trial.set_user_attr("best_epoch", int(result["best_epoch"]))
+            trial.set_user_attr("metrics", {k: float(v) for k, v in result["metrics"].items()
+                                            if isinstance(v, (int, float))})
+            return float(result["best_f1"])
+        except optuna.TrialPruned as exc:
+            tlog(str(exc))
+            raise
+        except KeyboardInterrupt:
+            self._reason(trial, "interrupted (Ctrl-C)")
+            raise
+        except UpdateFinishedTrialError:
+            self.taken_over = trial.number
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure ends this trial, not the study
+            if not isinstance(exc, MTLError):
+                tlog(traceback.format_exc().rstrip())
+            tlog(f"failed: {one_line(exc)}; the study goes on")
+            self._reason(trial, one_line(exc))
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                (out / "last.pt").unlink()  # NOTE: trials are never resumed; best.pt stays
+            _free_memory()
+
+    @staticmethod
+    def _reason(trial, reason):
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("fail_reason", reason)
+
+    def after_trial(self, study, frozen):
+        """study.optimize's callback: log the result, write TensorBoard, count failures in a row, free dead trials."""
+        from optuna.trial import TrialState
+        if str(frozen.user_attrs.get("fail_reason", "")).startswith("not needed"):
+            return
+        if frozen.state == TrialState.COMPLETE:
+            self.log(f"[trial {frozen.number}] f1 {frozen.value:.4f} (epoch {frozen.user_attrs.get('best_epoch')}); "
+                     f"best so far {study.best_value:.4f} (trial {study.best_trial.number})")
+        log_trial_tensorboard(study, frozen, self.settings)
+        self.failures = self.failures + 1 if frozen.state == TrialState.FAIL else 0
+        if self.failures >= self.settings.max_failures:
+            self.error = TuningError(f"{self.failures} trials in a row failed (last: "
+                                     f"{frozen.user_attrs.get('fail_reason')}); see trials.csv in {self.settings.out}")
+            study.stop()
+        release_dead_trials(study, self.log)  # NOTE: before MaxTrialsCallback counts the running ones
 
 
 def _free_memory():
@@ -568,54 +731,99 @@ def _free_memory():
         torch.cuda.empty_cache()
 
 
+def searched_values(frozen) -> dict:
+    """A trial's searched values as trained: its params, with the normalized loss weights for the raw draws."""
+    values = {k: v for k, v in frozen.params.items() if not k.startswith("loss_weight_")}
+    values.update({k: v for k, v in frozen.user_attrs.items() if k.startswith("loss_weight_")
+                   and k.endswith("_normalized")})
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}
+
+
+BOARD_METRICS = ("f1", *TOP_METRICS, "epochs_run")
+
+
+def write_board_experiment(space: dict, settings: TuneSettings):
+    """The study's one HPARAMS experiment (tensorboard/): a column per searched value, the trials' metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+    example = {}
+    for key, spec in space.items():  # NOTE: every key, also loss options only some trials take
+        if spec["type"] == "loss_weights":
+            example.update({f"loss_weight_{task}_normalized": 1.0 for task in labels.TASKS})
+        elif spec["type"] == "categorical":
+            choice = _encode(spec["choices"][0])
+            example[key] = choice if isinstance(choice, (bool, int, float, str)) else str(choice)
+        else:
+            example[key] = spec["low"]
+    example["state"] = "COMPLETE"
+    experiment, _, _ = hparams(example, {f"hparam/{k}": 0.0 for k in BOARD_METRICS},
+                               hparam_domain_discrete={"state": ["COMPLETE", "PRUNED"]})
+    with SummaryWriter(str(Path(settings.out) / "tensorboard")) as writer:
+        writer.file_writer.add_summary(experiment)
+
+
 def log_trial_tensorboard(study, frozen, settings: TuneSettings):
-    """Study-level TensorBoard: f1 and best f1 by trial number, and the trial's searched values as hparams."""
+    """A finished trial once in TensorBoard's HPARAMS tab (its searched values and metrics, in its own run folder
+    beside its curves), and the study's f1 and best f1 by trial number (tensorboard/)."""
     if frozen.state not in counted_states() or frozen.value is None:
         return
     from optuna.trial import TrialState
     from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+    values = {**searched_values(frozen), "state": frozen.state.name}
+    metrics = {"hparam/f1": float(frozen.value), "hparam/epochs_run": int(frozen.user_attrs.get("epochs_run", 0)),
+               **{f"hparam/{k}": float(v) for k, v in frozen.user_attrs.get("metrics", {}).items() if k in TOP_METRICS}}
+    _, session_start, session_end = hparams(values, metrics)
+    trial_out = Path(frozen.user_attrs.get("out") or Path(settings.out) / "trials" / str(frozen.number))
+    with SummaryWriter(str(trial_out)) as writer:
+        writer.file_writer.add_summary(session_start)
+        writer.file_writer.add_summary(session_end)
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value)
     earlier = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                if t.number <= frozen.number]
-    hparams = {k: v for k, v in frozen.params.items() if not k.startswith("loss_weight_")}
-    for task, weight in zip(labels.TASKS, frozen.user_attrs.get("loss_weights", ())):
-        hparams[f"loss_weight_{task}"] = weight
-    hparams["state"] = frozen.state.name
-    metrics = {"hparam/f1": float(frozen.value), "hparam/epochs_run": int(frozen.user_attrs.get("epochs_run", 0))}
-    writer = SummaryWriter(str(Path(settings.out) / "tensorboard"))
-    try:
+    with SummaryWriter(str(Path(settings.out) / "tensorboard")) as writer:
         writer.add_scalar("study/f1", frozen.value, frozen.number)
         if earlier:
             writer.add_scalar("study/best_f1", max(earlier), frozen.number)
-        writer.add_hparams(hparams, metrics, run_name=f"trial_{frozen.number:04d}")
-    finally:
-        writer.close()
 
 
 # ---------------------------------------------------------------- workers
 def run_worker(settings: TuneSettings, index: int = 0, log=print, study=None, ready=None) -> str:
-    """Run trials until the study has --trials finished ones ('done'), the timeout passes ('timeout') or
-    --max-failures trials in a row fail (TuningError); with `ready` (a Barrier) start with the other workers."""
+    """Run trials (study.optimize) until the study has --trials finished or running ones ('done'), the timeout
+    passes ('timeout') or --max-failures trials in a row fail (TuningError); with `ready` (a Barrier) start with the
+    other workers."""
+    import optuna
     space = load_space(settings.space)
     base = config.build(settings.overrides, settings.config)
     if settings.workers > 1:
         settings = _worker_device(settings, base, index)
-    study = study or open_study(settings, base.epochs, index)
+    study = study or open_study(settings, base.epochs, index, log)
     if ready is not None:  # NOTE: the first worker would otherwise run trials alone while the others import torch
         with contextlib.suppress(threading.BrokenBarrierError):
             ready.wait(timeout=START_WAIT_S)
+    objective = Objective(settings, space, base, log)
+    stop_at_trials = optuna.study.MaxTrialsCallback(settings.trials, states=busy_states())
     deadline = time.time() + settings.timeout if settings.timeout else None
-    failures = 0
-    while deadline is None or time.time() < deadline:
-        trial = next_trial(study, settings, log)
-        if trial is None:
+    while True:
+        release_dead_trials(study, log)
+        if len(study.get_trials(deepcopy=False, states=busy_states())) >= settings.trials:
             return "done"
-        frozen = run_trial(study, trial, settings, space, base, log)
-        failures = failures + 1 if frozen.state.name == "FAIL" else 0
-        if failures >= settings.max_failures:
-            raise TuningError(f"{failures} trials in a row failed (last: {frozen.user_attrs.get('fail_reason')}); "
-                              f"see trials.csv in {settings.out}")
-    log(f"--timeout {settings.timeout:g}s reached: no new trials")
-    return "timeout"
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            log(f"--timeout {settings.timeout:g}s reached: no new trials")
+            return "timeout"
+        try:
+            study.optimize(objective, timeout=left, catch=(Exception,),
+                           callbacks=[objective.after_trial, stop_at_trials])
+        except ValueError:  # NOTE: Optuna's "Cannot tell a FAIL trial": another worker took this one for dead
+            if objective.taken_over is None:
+                raise
+            log(f"[trial {objective.taken_over}] another worker took this trial for dead (no heartbeat for "
+                f"{settings.heartbeat_grace} s) and queued it again; going on")
+            objective.taken_over = None
+        if objective.error is not None:
+            raise objective.error
 
 
 def _worker_device(settings, base, index):
@@ -634,6 +842,7 @@ def _worker_main(settings: TuneSettings, index: int, ready):
     """Entry point of a spawned worker process."""
     def log(msg):
         print(msg, flush=True)
+    _quiet_optuna()
     try:
         run_worker(settings, index, log, ready=ready)
     except KeyboardInterrupt:
@@ -680,12 +889,15 @@ def run_parallel(settings: TuneSettings, study, log=print):
         raise error
 
 
+
 # ---------------------------------------------------------------- outputs
 def trials_table(study):
-    """One row per trial: number, state, f1, epochs run, searched values (normalized loss weights), reason."""
+    """One row per trial: number, state, f1, epochs run, searched values (normalized loss weights), reason, retry."""
     import pandas as pd
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         attrs = t.user_attrs
         row = {"number": t.number, "state": t.state.name, "f1": t.value,
                "epochs_run": attrs.get("epochs_run", 0), "best_epoch": attrs.get("best_epoch"),
@@ -694,15 +906,19 @@ def trials_table(study):
         if "loss_weights" in attrs:
             row["loss_weights"] = str(attrs["loss_weights"])
         row.update({k: attrs.get("metrics", {}).get(k) for k in TOP_METRICS})
-        reason = attrs.get("fail_reason", "")
+        reason = attrs.get("fail_reason", "") if t.state.name == "FAIL" else ""
         if t.state.name == "FAIL" and not reason:
-            reason = "worker stopped (no reason recorded)"
-        row.update(fail_reason=reason, out=attrs.get("out", ""))
+            reason = "its worker stopped without a word (killed, or its machine died: no heartbeat)"
+        if t.number in retried_as:
+            reason += f"; run again as trial {retried_as[t.number]}"
+        history = t.system_attrs.get("retry_history")
+        row.update(fail_reason=reason, retry_of=history[-1] if history else None, out=attrs.get("out", ""))
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
-        table["best_epoch"] = table["best_epoch"].astype("Int64")
-        tail = [c for c in ("loss_weights", *TOP_METRICS, "fail_reason", "out") if c in table]
+        for column in ("best_epoch", "retry_of"):
+            table[column] = table[column].astype("Int64")
+        tail = [c for c in ("loss_weights", *TOP_METRICS, "fail_reason", "retry_of", "out") if c in table]
         table = table[[c for c in table if c not in tail] + tail]
     return table
 
@@ -712,7 +928,7 @@ def top_table(table, top: int) -> str:
     done = table[table["state"] == "COMPLETE"].sort_values("f1", ascending=False).head(top)
     if not len(done):
         return "no complete trial yet"
-    shown = done.drop(columns=[c for c in ("state", "fail_reason", "out", "duration_s") if c in done])
+    shown = done.drop(columns=[c for c in ("state", "fail_reason", "retry_of", "out", "duration_s") if c in done])
     shown = shown.rename(columns={"number": "trial", "epochs_run": "epochs"})
     shown.insert(0, "rank", range(1, len(shown) + 1))
     return shown.to_string(index=False, formatters={c: _fmt for c in shown if shown[c].dtype.kind == "f"})
@@ -745,6 +961,8 @@ def write_plots(study, settings: TuneSettings, log=print) -> list:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ax = optuna_plots.plot_optimization_history(study, target_name="18-class macro F1")
+        ax.legend(loc="best")  # NOTE: Optuna puts it outside the axes, where savefig clips it
+        ax.figure.tight_layout()
         written.append(save_png(ax.figure, out / "history.png"))
         varying = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
         if len(complete) < 2 or not varying:
@@ -752,6 +970,8 @@ def write_plots(study, settings: TuneSettings, log=print) -> list:
             return written
         try:
             ax = optuna_plots.plot_param_importances(study, target_name="18-class macro F1")
+            ax.set_xlim(0, ax.get_xlim()[1] * 1.12)  # room for the value written after the longest bar
+            ax.figure.tight_layout()  # NOTE: room for the long parameter names (losses.age.label_smoothing)
             written.append(save_png(ax.figure, out / "importances.png"))
         except (ValueError, RuntimeError) as exc:
             plt.close("all")
@@ -787,7 +1007,8 @@ def write_outputs(study, settings: TuneSettings, log=print) -> dict:
     if best is not None:
         log(f"best trial {best.number}: 18-class macro F1 {best.value:.4f}; outputs in {out} "
             f"({', '.join(files)}); compare trials: tensorboard --logdir {out}")
-    return {"out": str(out), "study_name": settings.study_name, "storage": settings.storage, "counts": counts,
+    return {"out": str(out), "study_name": settings.study_name, "storage": shown_storage(settings.storage),
+            "counts": counts,
             "finished": finished(study), "epochs_run": epochs, "table": table,
             "best": None if best is None else {"number": best.number, "f1": best.value, "params": best.params,
                                                "loss_weights": best.user_attrs.get("loss_weights"),
@@ -795,10 +1016,17 @@ def write_outputs(study, settings: TuneSettings, log=print) -> dict:
 
 
 # ---------------------------------------------------------------- main entry
-def tune(settings: TuneSettings, log=print) -> dict:
-    """Run (or continue) a study until it has --trials finished trials; write its outputs; return a summary."""
+def _quiet_optuna():
+    """Optuna's warnings only; not its line per failed trial with a traceback (tune's own line gives the reason)."""
     import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # NOTE: tune's own lines say what each trial did
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)
+
+
+def tune(settings: TuneSettings, log=print) -> dict:
+    """Run (or continue) a study until it has --trials finished trials (or finished and running elsewhere); write
+    its outputs; return a summary."""
+    _quiet_optuna()
     settings = check_settings(settings)
     space = load_space(settings.space)
     base = check_space(space, settings, settings.space)
@@ -809,19 +1037,22 @@ def tune(settings: TuneSettings, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config.dump(base), out / "base_config.yaml")  # what every trial starts from
     atomic_write_text(yaml.safe_dump(space, sort_keys=False), out / "search_space.yaml")
-    study = open_study(settings, base.epochs)
+    study = open_study(settings, base.epochs, log=log)
     record_settings(study, base, space, settings, log)
     check_trial_folders(study, settings)
-    fail_stale_trials(study, log)
-    done = finished(study)
-    log(f"study {settings.study_name!r} in {settings.storage}: {done} of {settings.trials} trials finished"
-        f"{'' if done < settings.trials else '; nothing to run'}; pruner {settings.pruner}, "
+    fail_dead_trials(study, log)  # NOTE: this machine's killed trials at once, not after the heartbeat's grace
+    clean_leftovers(study, settings, log)
+    write_board_experiment(space, settings)
+    done, elsewhere = finished(study), running(study)
+    log(f"study {settings.study_name!r} in {shown_storage(settings.storage)}: {done} of {settings.trials} trials "
+        f"finished{f', {elsewhere} running elsewhere' if elsewhere else ''}"
+        f"{'' if done + elsewhere < settings.trials else '; nothing to run'}; pruner {settings.pruner}, "
         f"{settings.workers} worker{'s' if settings.workers > 1 else ''}")
-    t0, error = time.time(), None
+    error = None
     try:
-        if done < settings.trials and settings.workers > 1:
+        if done + elsewhere < settings.trials and settings.workers > 1:
             run_parallel(settings, study, log)
-        elif done < settings.trials:
+        elif done + elsewhere < settings.trials:
             run_worker(settings, 0, log, study=study)
     except TuningError as exc:
         error = exc
@@ -830,9 +1061,10 @@ def tune(settings: TuneSettings, log=print) -> dict:
             write_outputs(study, settings, log)
         raise
     result = write_outputs(study, settings, log)
-    timed_out = settings.timeout is not None and time.time() - t0 >= settings.timeout
-    if error is None and result["finished"] < settings.trials and not timed_out:
-        error = TuningError(f"the study stopped at {result['finished']} of {settings.trials} finished trials")
     if error is not None:
         raise error
+    elsewhere = running(study)
+    if result["finished"] < settings.trials and elsewhere:
+        log(f"{elsewhere} trial{'s are' if elsewhere > 1 else ' is'} still running elsewhere (another machine or "
+            f"process), which completes the study; this one is done (run it again later to refresh the outputs)")
     return result

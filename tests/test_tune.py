@@ -1,5 +1,6 @@
 """tune.py: a study over mtl's own training loop writes every output, continues where it stopped, survives
-failed and interrupted trials, prunes, and runs as parallel worker processes on one journal.
+failed and interrupted trials, prunes, runs as parallel worker processes on one journal, and shows each trial
+once in TensorBoard's HPARAMS tab (read from the real tensorboard server).
 
 Real training runs on a 30-person synthetic set made by the same generator (an epoch of the session's
 120-person set costs ~15 CPU seconds, too much for nine epochs here). The resume, failure and pruning
@@ -8,9 +9,14 @@ so later trials are worse and the median pruner's choices are known in advance.
 """
 import contextlib
 import io
-import os
+import json
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -71,7 +77,7 @@ def trials_csv(out):
 
 def scripted_train(fail_on=(), interrupt_on=()):
     """A stand-in for mtl.train.train (see the module docstring); trials in fail_on get a NaN loss at epoch 2."""
-    def train(cfg, on_epoch=None, log=print):
+    def train(cfg, on_epoch=None, log=print, log_hparams=True):
         n = int(Path(cfg.out).name)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         f1s = []
@@ -113,9 +119,70 @@ def test_study_writes_every_output(real_study):
         assert list(run.glob("events.out.tfevents.*"))
     printed = (real_study / "printed.txt").read_text()
     assert "top trials of study 'mtl':" in printed and " rank  trial " in printed and "4 complete" in printed
+
+
+def test_study_names_its_objective_and_records_the_weights_trained(real_study):
+    study = optuna.load_study(study_name="mtl", storage=f"sqlite:///{real_study / 'study.db'}")
+    assert study.metric_names == ["val_f1_18"]  # what optuna-dashboard calls the objective
+    for t in study.trials:  # beside the raw log-uniform draws (params), the weights the trial trained with
+        raw = [t.params[f"loss_weight_{task}"] for task in ("mask", "gender", "age")]
+        shown = [t.user_attrs[f"loss_weight_{task}_normalized"] for task in ("mask", "gender", "age")]
+        assert shown == tuning.normalize_weights(raw) == t.user_attrs["config"]["loss_weights"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hparams_tab(logdir, sessions: int):
+    """The HPARAMS tab of `tensorboard --logdir logdir` (the real command): its columns, and run -> hparams."""
+    port = free_port()
+    command = shutil.which("tensorboard") or "tensorboard"
+    server = subprocess.Popen([command, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def post(name, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/data/plugin/hparams/{name}",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.load(answer)
+
+    try:
+        deadline, seen = time.time() + 120, None
+        while True:  # the server loads the event files after it starts: wait until the sessions are in
+            assert server.poll() is None, f"tensorboard did not start: {server.stderr.read()[-2000:]}"
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                groups = post("session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 1000,
+                                                 "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"]})
+                if groups.get("totalSize", 0) >= sessions and groups == seen:
+                    break
+                seen = groups
+            assert time.time() < deadline, f"tensorboard showed {seen} after 2 minutes"
+            time.sleep(1)
+        columns = [h["name"] for h in post("experiment", {"experimentName": ""})["hparamInfos"]]
+        runs = {s["name"]: g["hparams"] for g in groups["sessionGroups"] for s in g["sessions"]}
+        return columns, runs, groups["totalSize"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_tensorboard_shows_each_trial_once_with_its_searched_values(real_study):
+    columns, runs, total = hparams_tab(real_study, sessions=4)
+    searched = ["loss_weight_age_normalized", "loss_weight_gender_normalized", "loss_weight_mask_normalized", "lr"]
+    assert sorted(columns) == [*searched, "state"]
+    assert total == 4 and sorted(runs) == [f"trials/{n}" for n in range(4)]  # each trial once, beside its curves
+    table = trials_csv(real_study).set_index("number")
+    for n in range(4):
+        weights = yaml.safe_load(table.loc[n, "loss_weights"])
+        assert [runs[f"trials/{n}"][f"loss_weight_{task}_normalized"] for task in ("mask", "gender", "age")] == \
+            pytest.approx(weights)
+        assert runs[f"trials/{n}"]["lr"] == pytest.approx(table.loc[n, "lr"])
     board = real_study / "tensorboard"
     assert list(board.glob("events.out.tfevents.*"))  # study/f1 and study/best_f1 by trial number
-    assert sorted(p.name for p in board.iterdir() if p.is_dir()) == [f"trial_{n:04d}" for n in range(4)]
 
 
 def test_best_yaml_trains(real_study, tmp_path, monkeypatch):
@@ -133,18 +200,15 @@ def test_best_yaml_trains(real_study, tmp_path, monkeypatch):
 
 
 def test_two_workers_share_one_journal(args, tmp_path):
-    out = tmp_path / "study"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "tune.py", *args(out, "--trials", 4, "--epochs", 1, "--workers", 2)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "study"  # this process is worker 0; worker 1 is a spawned process
+    assert run_tune(args(out, "--trials", 2, "--epochs", 1, "--workers", 2)) == 0
     assert (out / "journal.log").is_file() and not (out / "study.db").exists()
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "journal.log")))
     trials = optuna.load_study(study_name="mtl", storage=storage).get_trials()
-    assert [t.number for t in trials] == [0, 1, 2, 3]  # none lost, none twice, none beyond --trials
+    assert [t.number for t in trials] == [0, 1]  # none lost, none twice, none beyond --trials
     assert {t.state.name for t in trials} == {"COMPLETE"}
-    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers trained
-    assert (out / "best.yaml").is_file() and len(trials_csv(out)) == 4
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers trained
+    assert (out / "best.yaml").is_file() and len(trials_csv(out)) == 2
 
 
 # ---------------------------------------------------------------- scripted training
@@ -187,6 +251,40 @@ def test_interrupted_study_is_kept_and_resumes(args, tmp_path, monkeypatch):
     monkeypatch.setattr(mtl.train, "train", scripted_train())
     assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 0
     assert list(trials_csv(out)["state"]) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_process_done_while_another_runs_the_last_trial_exits_0(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mtl.train, "train", scripted_train())
+    out = tmp_path / "study"
+    out.mkdir()
+    # another machine's trial, running now: asked (not told) in the same database under the same study name
+    elsewhere = optuna.create_study(study_name="mtl", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    elsewhere.ask()
+    assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 0
+    assert "1 trial is still running elsewhere" in capsys.readouterr().out
+    assert list(trials_csv(out)["state"]) == ["RUNNING", "COMPLETE", "COMPLETE"]  # 2 here + 1 there = --trials
+
+
+@pytest.mark.parametrize("url, package", [("mysql://tuner:s3cret-pw@127.0.0.1/optuna", "pip install mysqlclient"),
+                                          ("postgresql+psycopg2://tuner:s3cret-pw@127.0.0.1/optuna",
+                                           "pip install psycopg2-binary")])
+def test_missing_database_driver_is_one_line_before_any_trial(args, tmp_path, capsys, url, package):
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 2, "--storage", url)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.rstrip().endswith(package), captured.err
+    assert "tuner:***@127.0.0.1" in captured.err and "s3cret-pw" not in captured.out + captured.err
+    assert not (out / "trials").exists()
+
+
+def test_postgresql_url_has_its_driver(tmp_path):
+    tuning.check_database_url("postgresql://tuner:pw@127.0.0.1/optuna")  # psycopg 3, from requirements.txt
+    assert tuning.shown_storage("postgresql://tuner:pw@db.lab:5432/optuna") == "postgresql://tuner:***@db.lab:5432/optuna"
+
+
+def test_heartbeat_grace_must_outlast_the_interval(args, tmp_path, capsys):
+    assert run_tune(args(tmp_path / "study", "--trials", 2, "--heartbeat-interval", 60, "--heartbeat-grace", 30)) == 2
+    assert "--heartbeat-grace (30 s) must be longer than --heartbeat-interval (60 s)" in capsys.readouterr().err
 
 
 def test_median_pruner_stops_weak_trials_early(args, tmp_path, monkeypatch):
