@@ -69,15 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from mtl import tuning
-    settings = tuning.TuneSettings(
-        trials=args.trials, space=args.space or str(tuning.DEFAULT_SPACE), config=args.config,
+    from mtl.tune import DEFAULT_SPACE, TuneSettings, tune
+    settings = TuneSettings(
+        trials=args.trials, space=args.space or str(DEFAULT_SPACE), config=args.config,
         overrides=overrides_from_args(args), study_name=args.study_name, storage=args.storage, out=args.study_out,
         timeout=args.timeout, pruner=args.pruner, pruner_warmup=args.pruner_warmup,
         workers=args.trial_workers, max_failures=args.max_failures,
         sampler_seed=args.sampler_seed, top=args.top, heartbeat_interval=args.heartbeat_interval,
         heartbeat_grace=args.heartbeat_grace)
-    return tuning.tune(settings)
+    return tune(settings)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ import yaml
 from conftest import TINY
 
 import mtl.train
-from mtl import config, tuning
+from mtl import config
 from mtl.cli import main_guard
 from mtl.train import TrainingError
+from mtl.tune import TuneSettings, check_settings
+from mtl.tune import space as search_space
+from mtl.tune import study as tune_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"loss_weights": {"type": "loss_weights", "low": 0.2, "high": 5.0},
@@ -127,7 +130,7 @@ def test_study_names_its_objective_and_records_the_weights_trained(real_study):
     for t in study.trials:  # beside the raw log-uniform draws (params), the weights the trial trained with
         raw = [t.params[f"loss_weight_{task}"] for task in ("mask", "gender", "age")]
         shown = [t.user_attrs[f"loss_weight_{task}_normalized"] for task in ("mask", "gender", "age")]
-        assert shown == tuning.normalize_weights(raw) == t.user_attrs["config"]["loss_weights"]
+        assert shown == search_space.normalize_weights(raw) == t.user_attrs["config"]["loss_weights"]
 
 
 def free_port() -> int:
@@ -278,8 +281,8 @@ def test_missing_database_driver_is_one_line_before_any_trial(args, tmp_path, ca
 
 
 def test_postgresql_url_has_its_driver(tmp_path):
-    tuning.check_database_url("postgresql://tuner:pw@127.0.0.1/optuna")  # psycopg 3, from requirements.txt
-    assert tuning.shown_storage("postgresql://tuner:pw@db.lab:5432/optuna") == "postgresql://tuner:***@db.lab:5432/optuna"
+    tune_study.check_database_url("postgresql://tuner:pw@127.0.0.1/optuna")  # psycopg 3, from requirements.txt
+    assert tune_study.shown_storage("postgresql://tuner:pw@db.lab:5432/optuna") == "postgresql://tuner:***@db.lab:5432/optuna"
 
 
 def test_heartbeat_grace_must_outlast_the_interval(args, tmp_path, capsys):
@@ -329,15 +332,15 @@ def test_bad_search_space_is_refused_before_any_trial(args, tmp_path, capsys, sp
 
 # ---------------------------------------------------------------- search space
 def test_sampled_values_become_a_config(tune_data):
-    space = tuning.load_space(ROOT / "configs" / "search_space_wide.yaml")
+    space = search_space.load_space(ROOT / "configs" / "search_space_wide.yaml")
     base = config.build({"data": str(tune_data)}, ROOT / "configs" / "default.yaml")
     trial = optuna.trial.FixedTrial({"loss_weight_mask": 1.0, "loss_weight_gender": 2.0, "loss_weight_age": 1.0,
                                      "lr": 1e-3, "weight_decay": 0.01, "losses.age.name": "focal",
                                      "losses.age.gamma": 2.0, "age_threshold": 59, "augment": "baseline"})
-    values = tuning.sample(trial, space, base.losses)
+    values = search_space.sample(trial, space, base.losses)
     assert values["loss_weights"] == [0.75, 1.5, 0.75]  # ratios 1:2:1, normalized to sum 3
     assert "losses.age.label_smoothing" not in values  # focal takes no label smoothing: left out of this trial
-    cfg = config.build({"data": str(tune_data), **tuning.to_overrides(values, base.losses)},
+    cfg = config.build({"data": str(tune_data), **search_space.to_overrides(values, base.losses)},
                        ROOT / "configs" / "default.yaml")
     assert cfg.losses["age"] == {"name": "focal", "gamma": 2.0, "class_weights": "balanced"}
     assert cfg.losses["mask"] == base.losses["mask"] and cfg.age_threshold == 59
@@ -345,7 +348,7 @@ def test_sampled_values_become_a_config(tune_data):
 
 @pytest.mark.parametrize("name", ["search_space.yaml", "search_space_wide.yaml"])
 def test_shipped_search_spaces_fit_the_default_config(tune_data, name):
-    settings = tuning.check_settings(tuning.TuneSettings(space=str(ROOT / "configs" / name),
-                                                         config=str(ROOT / "configs" / "default.yaml"),
-                                                         overrides={"data": str(tune_data)}))
-    tuning.check_space(tuning.load_space(settings.space), settings, settings.space)
+    settings = check_settings(TuneSettings(space=str(ROOT / "configs" / name),
+                                           config=str(ROOT / "configs" / "default.yaml"),
+                                           overrides={"data": str(tune_data)}))
+    search_space.check_space(search_space.load_space(settings.space), settings, settings.space)

@@ -5,7 +5,8 @@ root; listening only on 127.0.0.1 on a free port, its unix socket in the temp di
 so the URL carries a password that must never be printed) and stops it at the end, even on failure. Two
 tune.py processes start at the same moment on the fresh database; one is killed with SIGKILL in the middle
 of a trial; the other's Optuna heartbeat finds the dead trial and runs it again; the killed one is started
-again (in the test's own process, which saves an interpreter start). It skips only where no PostgreSQL server binary is installed (.ci/run installs Debian's postgresql).
+again (in the test's own process, which saves an interpreter start). It skips only where no PostgreSQL
+server binary is installed (.ci/run installs Debian's postgresql).
 """
 import contextlib
 import glob
@@ -156,7 +157,7 @@ def test_two_machines_share_a_study_on_postgresql_and_one_dies(postgres, files, 
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("a", "b")}  # noqa: SIM115
     procs = {}
     try:
-        procs["a"], procs["b"] = start(files, storage, outs["a"], logs["a"]), start(files, storage, outs["b"], logs["b"])
+        procs = {name: start(files, storage, outs[name], logs[name]) for name in ("a", "b")}  # at the same moment
         # B is in the middle of a trial once the trial's run folder has its config.yaml (training has begun)
         wait_for(lambda: list(outs["b"].glob("trials/*/config.yaml")) or procs["b"].poll() is not None, "B's trial")
         assert procs["b"].poll() is None, (tmp_path / "b.log").read_text()[-3000:]
