@@ -16,6 +16,10 @@ importances.png; tensorboard --logdir runs/tune/NAME shows every trial side by s
     python tune.py --data DATA --trials 64 --workers 4               # 4 processes (one per GPU), one journal
     python tune.py --data DATA --trials 200 --study-name b3 --storage postgresql://USER:PW@HOST/DB
                                                                      # the same command on each machine
+    optuna-dashboard postgresql://USER:PW@HOST/DB                    # watch it (pip install optuna-dashboard)
+
+A trial left running by a machine that died (no heartbeat for --heartbeat-grace seconds) runs again
+on a live one; a machine that finishes while others still run the last trials exits 0 and says so.
 
 Training flags (--model, --img-size, --epochs, --fold, ...) set every trial's base config; the
 DataLoader workers of a trial are --loader-workers, since --workers counts trial processes.
@@ -54,20 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after this many failed trials in a row (default 5)")
     group.add_argument("--sampler-seed", metavar="N", type=int, help="seed of the TPE sampler (default: random)")
     group.add_argument("--top", metavar="N", type=int, default=10, help="rows of the top-trials table (default 10)")
+    group.add_argument("--heartbeat-interval", metavar="S", type=int, default=60,
+                       help="a database storage's running trial records a heartbeat every S seconds (default 60)")
+    group.add_argument("--heartbeat-grace", metavar="S", type=int, default=180,
+                       help="a trial with no heartbeat for S seconds counts as dead (its machine died) and runs "
+                            "again on a live machine (default 180)")
     add_train_arguments(parser, skip=("--out", "--resume", "--all-folds", "--workers"))
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from mtl import tuning
-    settings = tuning.TuneSettings(
-        trials=args.trials, space=args.space or str(tuning.DEFAULT_SPACE), config=args.config,
+    from mtl.tune import DEFAULT_SPACE, TuneSettings, tune
+    settings = TuneSettings(
+        trials=args.trials, space=args.space or str(DEFAULT_SPACE), config=args.config,
         overrides=overrides_from_args(args), study_name=args.study_name, storage=args.storage, out=args.study_out,
         timeout=args.timeout, pruner=args.pruner, pruner_warmup=args.pruner_warmup,
         workers=args.trial_workers, max_failures=args.max_failures,
-        sampler_seed=args.sampler_seed, top=args.top)
-    return tuning.tune(settings)
+        sampler_seed=args.sampler_seed, top=args.top, heartbeat_interval=args.heartbeat_interval,
+        heartbeat_grace=args.heartbeat_grace)
+    return tune(settings)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main():
 
 def run_study(pruner, seed, args, data, work) -> dict:
     """One study (pruner 'median:W' judges from epoch W on); its epochs, outcome counts and best F1."""
-    from mtl.tuning import TuneSettings, tune
+    from mtl.tune import TuneSettings, tune
     name, _, warmup = pruner.partition(":")
     settings = TuneSettings(trials=args.trials, config=args.config, study_name=f"bench-{name}{warmup}-{seed}",
                             out=str(work / f"{name}{warmup}-{seed}"), pruner=name, sampler_seed=seed,

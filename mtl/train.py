@@ -287,7 +287,7 @@ def summary_line(epoch, cfg, stats, metrics, seconds, best):
 
 
 # ---------------------------------------------------------------- main entry
-def train(cfg: TrainConfig, on_epoch=None, log=print, log_hparams=True) -> dict:
+def train(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) -> dict:
     """Train one fold (or every fold with cfg.all_folds, each into out/fold<k>); returns the best metrics."""
     if not cfg.all_folds:
         return train_fold(cfg, on_epoch, log, log_hparams)
@@ -487,7 +487,7 @@ def checkpoint_dict(state, epoch, metrics, full: bool) -> dict:
     return out
 
 
-def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams=True) -> dict:
+def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) -> dict:
     """Train one person-level fold; writes best.pt, last.pt, config.yaml, metrics.json and TensorBoard logs."""
     state = setup(cfg, log)
     rank, out = state["rank"], state["out"]
@@ -534,7 +534,7 @@ def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams=True) -> 
                     f"epoch {state['best_epoch']})")
                 break
         if writer is not None:
-            if log_hparams:
+            if log_hparams:  # NOTE: a tuning trial's hparams are its searched values, written by the study
                 write_hparams(writer, cfg, state)
             writer.close()
             writer = None

@@ -1,5 +1,6 @@
 """tune.py: a study over mtl's own training loop writes every output, continues where it stopped, survives
-failed and interrupted trials, prunes, and runs as parallel worker processes on one journal.
+failed and interrupted trials, prunes, runs as parallel worker processes on one journal, and shows each trial
+once in TensorBoard's HPARAMS tab (read from the real tensorboard server).
 
 Real training runs on a 30-person synthetic set made by the same generator (an epoch of the session's
 120-person set costs ~15 CPU seconds, too much for nine epochs here). The resume, failure and pruning
@@ -8,9 +9,14 @@ so later trials are worse and the median pruner's choices are known in advance.
 """
 import contextlib
 import io
-import os
+import json
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -20,9 +26,12 @@ import yaml
 from conftest import TINY
 
 import mtl.train
-from mtl import config, tuning
+from mtl import config
 from mtl.cli import main_guard
 from mtl.train import TrainingError
+from mtl.tune import TuneSettings, check_settings
+from mtl.tune import space as search_space
+from mtl.tune import study as tune_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"loss_weights": {"type": "loss_weights", "low": 0.2, "high": 5.0},
@@ -71,7 +80,7 @@ def trials_csv(out):
 
 def scripted_train(fail_on=(), interrupt_on=()):
     """A stand-in for mtl.train.train (see the module docstring); trials in fail_on get a NaN loss at epoch 2."""
-    def train(cfg, on_epoch=None, log=print):
+    def train(cfg, on_epoch=None, log=print, log_hparams=True):
         n = int(Path(cfg.out).name)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         f1s = []
@@ -113,9 +122,70 @@ def test_study_writes_every_output(real_study):
         assert list(run.glob("events.out.tfevents.*"))
     printed = (real_study / "printed.txt").read_text()
     assert "top trials of study 'mtl':" in printed and " rank  trial " in printed and "4 complete" in printed
+
+
+def test_study_names_its_objective_and_records_the_weights_trained(real_study):
+    study = optuna.load_study(study_name="mtl", storage=f"sqlite:///{real_study / 'study.db'}")
+    assert study.metric_names == ["val_f1_18"]  # what optuna-dashboard calls the objective
+    for t in study.trials:  # beside the raw log-uniform draws (params), the weights the trial trained with
+        raw = [t.params[f"loss_weight_{task}"] for task in ("mask", "gender", "age")]
+        shown = [t.user_attrs[f"loss_weight_{task}_normalized"] for task in ("mask", "gender", "age")]
+        assert shown == search_space.normalize_weights(raw) == t.user_attrs["config"]["loss_weights"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hparams_tab(logdir, sessions: int):
+    """The HPARAMS tab of `tensorboard --logdir logdir` (the real command): its columns, and run -> hparams."""
+    port = free_port()
+    command = shutil.which("tensorboard") or "tensorboard"
+    server = subprocess.Popen([command, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def post(name, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/data/plugin/hparams/{name}",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.load(answer)
+
+    try:
+        deadline, seen = time.time() + 120, None
+        while True:  # the server loads the event files after it starts: wait until the sessions are in
+            assert server.poll() is None, f"tensorboard did not start: {server.stderr.read()[-2000:]}"
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                groups = post("session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 1000,
+                                                 "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"]})
+                if groups.get("totalSize", 0) >= sessions and groups == seen:
+                    break
+                seen = groups
+            assert time.time() < deadline, f"tensorboard showed {seen} after 2 minutes"
+            time.sleep(1)
+        columns = [h["name"] for h in post("experiment", {"experimentName": ""})["hparamInfos"]]
+        runs = {s["name"]: g["hparams"] for g in groups["sessionGroups"] for s in g["sessions"]}
+        return columns, runs, groups["totalSize"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_tensorboard_shows_each_trial_once_with_its_searched_values(real_study):
+    columns, runs, total = hparams_tab(real_study, sessions=4)
+    searched = ["loss_weight_age_normalized", "loss_weight_gender_normalized", "loss_weight_mask_normalized", "lr"]
+    assert sorted(columns) == [*searched, "state"]
+    assert total == 4 and sorted(runs) == [f"trials/{n}" for n in range(4)]  # each trial once, beside its curves
+    table = trials_csv(real_study).set_index("number")
+    for n in range(4):
+        weights = yaml.safe_load(table.loc[n, "loss_weights"])
+        assert [runs[f"trials/{n}"][f"loss_weight_{task}_normalized"] for task in ("mask", "gender", "age")] == \
+            pytest.approx(weights)
+        assert runs[f"trials/{n}"]["lr"] == pytest.approx(table.loc[n, "lr"])
     board = real_study / "tensorboard"
     assert list(board.glob("events.out.tfevents.*"))  # study/f1 and study/best_f1 by trial number
-    assert sorted(p.name for p in board.iterdir() if p.is_dir()) == [f"trial_{n:04d}" for n in range(4)]
 
 
 def test_best_yaml_trains(real_study, tmp_path, monkeypatch):
@@ -133,18 +203,15 @@ def test_best_yaml_trains(real_study, tmp_path, monkeypatch):
 
 
 def test_two_workers_share_one_journal(args, tmp_path):
-    out = tmp_path / "study"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "tune.py", *args(out, "--trials", 4, "--epochs", 1, "--workers", 2)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "study"  # this process is worker 0; worker 1 is a spawned process
+    assert run_tune(args(out, "--trials", 2, "--epochs", 1, "--workers", 2)) == 0
     assert (out / "journal.log").is_file() and not (out / "study.db").exists()
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "journal.log")))
     trials = optuna.load_study(study_name="mtl", storage=storage).get_trials()
-    assert [t.number for t in trials] == [0, 1, 2, 3]  # none lost, none twice, none beyond --trials
+    assert [t.number for t in trials] == [0, 1]  # none lost, none twice, none beyond --trials
     assert {t.state.name for t in trials} == {"COMPLETE"}
-    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers trained
-    assert (out / "best.yaml").is_file() and len(trials_csv(out)) == 4
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers trained
+    assert (out / "best.yaml").is_file() and len(trials_csv(out)) == 2
 
 
 # ---------------------------------------------------------------- scripted training
@@ -189,6 +256,40 @@ def test_interrupted_study_is_kept_and_resumes(args, tmp_path, monkeypatch):
     assert list(trials_csv(out)["state"]) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
 
 
+def test_process_done_while_another_runs_the_last_trial_exits_0(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mtl.train, "train", scripted_train())
+    out = tmp_path / "study"
+    out.mkdir()
+    # another machine's trial, running now: asked (not told) in the same database under the same study name
+    elsewhere = optuna.create_study(study_name="mtl", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    elsewhere.ask()
+    assert run_tune(args(out, "--trials", 3, "--epochs", 2)) == 0
+    assert "1 trial is still running elsewhere" in capsys.readouterr().out
+    assert list(trials_csv(out)["state"]) == ["RUNNING", "COMPLETE", "COMPLETE"]  # 2 here + 1 there = --trials
+
+
+@pytest.mark.parametrize("url, package", [("mysql://tuner:s3cret-pw@127.0.0.1/optuna", "pip install mysqlclient"),
+                                          ("postgresql+psycopg2://tuner:s3cret-pw@127.0.0.1/optuna",
+                                           "pip install psycopg2-binary")])
+def test_missing_database_driver_is_one_line_before_any_trial(args, tmp_path, capsys, url, package):
+    out = tmp_path / "study"
+    assert run_tune(args(out, "--trials", 2, "--storage", url)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.rstrip().endswith(package), captured.err
+    assert "tuner:***@127.0.0.1" in captured.err and "s3cret-pw" not in captured.out + captured.err
+    assert not (out / "trials").exists()
+
+
+def test_postgresql_url_has_its_driver(tmp_path):
+    tune_study.check_database_url("postgresql://tuner:pw@127.0.0.1/optuna")  # psycopg 3, from requirements.txt
+    assert tune_study.shown_storage("postgresql://tuner:pw@db.lab:5432/optuna") == "postgresql://tuner:***@db.lab:5432/optuna"
+
+
+def test_heartbeat_grace_must_outlast_the_interval(args, tmp_path, capsys):
+    assert run_tune(args(tmp_path / "study", "--trials", 2, "--heartbeat-interval", 60, "--heartbeat-grace", 30)) == 2
+    assert "--heartbeat-grace (30 s) must be longer than --heartbeat-interval (60 s)" in capsys.readouterr().err
+
+
 def test_median_pruner_stops_weak_trials_early(args, tmp_path, monkeypatch):
     monkeypatch.setattr(mtl.train, "train", scripted_train())
     out = tmp_path / "study"
@@ -231,15 +332,15 @@ def test_bad_search_space_is_refused_before_any_trial(args, tmp_path, capsys, sp
 
 # ---------------------------------------------------------------- search space
 def test_sampled_values_become_a_config(tune_data):
-    space = tuning.load_space(ROOT / "configs" / "search_space_wide.yaml")
+    space = search_space.load_space(ROOT / "configs" / "search_space_wide.yaml")
     base = config.build({"data": str(tune_data)}, ROOT / "configs" / "default.yaml")
     trial = optuna.trial.FixedTrial({"loss_weight_mask": 1.0, "loss_weight_gender": 2.0, "loss_weight_age": 1.0,
                                      "lr": 1e-3, "weight_decay": 0.01, "losses.age.name": "focal",
                                      "losses.age.gamma": 2.0, "age_threshold": 59, "augment": "baseline"})
-    values = tuning.sample(trial, space, base.losses)
+    values = search_space.sample(trial, space, base.losses)
     assert values["loss_weights"] == [0.75, 1.5, 0.75]  # ratios 1:2:1, normalized to sum 3
     assert "losses.age.label_smoothing" not in values  # focal takes no label smoothing: left out of this trial
-    cfg = config.build({"data": str(tune_data), **tuning.to_overrides(values, base.losses)},
+    cfg = config.build({"data": str(tune_data), **search_space.to_overrides(values, base.losses)},
                        ROOT / "configs" / "default.yaml")
     assert cfg.losses["age"] == {"name": "focal", "gamma": 2.0, "class_weights": "balanced"}
     assert cfg.losses["mask"] == base.losses["mask"] and cfg.age_threshold == 59
@@ -247,7 +348,7 @@ def test_sampled_values_become_a_config(tune_data):
 
 @pytest.mark.parametrize("name", ["search_space.yaml", "search_space_wide.yaml"])
 def test_shipped_search_spaces_fit_the_default_config(tune_data, name):
-    settings = tuning.check_settings(tuning.TuneSettings(space=str(ROOT / "configs" / name),
-                                                         config=str(ROOT / "configs" / "default.yaml"),
-                                                         overrides={"data": str(tune_data)}))
-    tuning.check_space(tuning.load_space(settings.space), settings, settings.space)
+    settings = check_settings(TuneSettings(space=str(ROOT / "configs" / name),
+                                           config=str(ROOT / "configs" / "default.yaml"),
+                                           overrides={"data": str(tune_data)}))
+    search_space.check_space(search_space.load_space(settings.space), settings, settings.space)
