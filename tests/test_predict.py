@@ -1,5 +1,6 @@
 """predict.py: the submission follows info.csv and beats chance, ensembles, TTA, probability files, the validation
 report, and every bad input stops with a clear error before any forward pass and with nothing written."""
+import contextlib
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -328,3 +330,102 @@ def test_command_line(ckpts, synthetic_data, cache_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert len(sub) == 5 and "wrote" in done.stdout
+
+
+# ---------------------------------------------------------------- photos: 16-bit, tiny, outside eval/images
+def test_a_16_bit_png_is_predicted_as_its_8_bit_photo(ckpts, synthetic_data, cache_dir, tmp_path):
+    data = eval_subset(synthetic_data, tmp_path / "data", n=4, info=False)
+    source = sorted((data / "eval" / "images").iterdir())[0]
+    grey = np.asarray(Image.open(source).convert("L"))
+    cv2.imwrite(str(data / "eval" / "images" / "deep.png"), grey.astype(np.uint16) * 257)  # 16 bits, same photo
+    Image.fromarray(grey).save(data / "eval" / "images" / "plain.png")
+    pd.DataFrame({"ImageID": ["deep.png", "plain.png"], "ans": 0}).to_csv(data / "eval" / "info.csv", index=False)
+    probs = run_predict("--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv",
+                        cache_dir=cache_dir)["member_probs"][0]
+    for key in probs:
+        assert np.array_equal(probs[key][0], probs[key][1]), key
+
+
+def test_a_tiny_eval_photo_is_named_before_any_compute(ckpts, synthetic_data, cache_dir, tmp_path, no_forward):
+    data = eval_subset(synthetic_data, tmp_path / "data")
+    tiny = sorted((data / "eval" / "images").iterdir())[2]
+    Image.new("RGB", (1, 1)).save(tiny, format="JPEG")
+    with pytest.raises(DataError, match=f"{tiny}: photo is 1x1 px, below the minimum side of 16 px"):
+        run_predict("--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv", cache_dir=cache_dir)
+    assert only_files(tmp_path) == ["data"]
+
+
+def test_image_ids_outside_eval_images_are_refused_and_never_cached(ckpts, synthetic_data, tmp_path, no_forward):
+    data = eval_subset(synthetic_data, tmp_path / "data")
+    info = pd.read_csv(data / "eval" / "info.csv", dtype=str)
+    secret = tmp_path / "secret.jpg"
+    shutil.copy(data / "eval" / "images" / info["ImageID"][0], secret)
+    (data / "eval" / "images" / "link.jpg").symlink_to(secret)
+    bad = ["../../secret.jpg", str(secret), "link.jpg"]
+    pd.concat([info, pd.DataFrame({"ImageID": bad, "ans": 0})]).to_csv(data / "eval" / "info.csv", index=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as error:
+        run_predict("--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv", cache_dir=cache)
+    for row, image_id in enumerate(bad, start=len(info) + 2):
+        assert f"info.csv row {row}: ImageID {image_id!r} does not name a file inside" in str(error.value)
+    assert not (tmp_path / "sub.csv").exists()
+    assert not cache.exists() or "secret" not in "".join(p.read_text() for p in cache.rglob("index.json"))
+
+
+# ---------------------------------------------------------------- outputs that cannot be written
+@contextlib.contextmanager
+def tmpfs(path, size="8k", read_only=False):
+    """A real small (or read-only) file system at path: root cannot write past either, unlike a chmod."""
+    path.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs",
+                               str(path)], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() if done else 'no mount command'}): needs root "
+                    f"or CAP_SYS_ADMIN to make a full or read-only disk")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
+
+
+def test_unwritable_outputs_are_refused_before_any_compute(ckpts, synthetic_data, tmp_path, no_forward):
+    args = ["--checkpoint", ckpts[0], "--data", synthetic_data]
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        with pytest.raises(ConfigError, match=rf"--out: cannot write in {ro} \(Read-only file system\)"):
+            run_predict(*args, "--out", ro / "sub.csv")
+        with pytest.raises(ConfigError, match=rf"--save-probs: cannot write in {ro} \(Read-only file system\)"):
+            run_predict(*args, "--out", tmp_path / "sub.csv", "--save-probs", ro / "probs.csv")
+        with pytest.raises(ConfigError, match=rf"--report: cannot write in {ro}"):
+            run_predict(*args, "--validate", "--report", ro / "report")
+    with tmpfs(tmp_path / "full", size="4k") as full:
+        (full / "filler").write_bytes(bytes(4096))  # the disk is full before the run starts
+        with pytest.raises(ConfigError, match=rf"--out: cannot write in {full} \(No space left on device\)"):
+            run_predict(*args, "--out", full / "sub.csv")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        run_predict(*args, "--out", tmp_path / "fifo")
+    assert only_files(tmp_path) == ["fifo", "full", "ro"]
+
+
+@pytest.mark.parametrize("fills", ["--out", "--save-probs"])
+def test_a_disk_that_fills_up_loses_only_the_output_that_did_not_fit(single, ckpts, synthetic_data, cache_dir,
+                                                                     tmp_path, capsys, fills):
+    # an 8 KiB disk takes the write check (4 KiB) but not the submission (~10 KB) nor the probabilities (~60 KB)
+    with tmpfs(tmp_path / "small", size="8k") as small:
+        paths = {"--out": tmp_path / "sub.csv", "--save-probs": tmp_path / "probs.csv"}
+        paths[fills] = small / Path(paths[fills]).name
+        argv = ["--checkpoint", str(ckpts[0]), "--data", str(synthetic_data), "--out", str(paths["--out"]),
+                "--save-probs", str(paths["--save-probs"]), "--cache-dir", str(cache_dir), "--workers", "0",
+                "--no-progress"]
+        with pytest.raises(SystemExit) as exit_info:
+            main_guard(lambda: predict.main(argv))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: could not write {paths[fills]} (No space left on device); the other outputs were "
+                       f"written\n")
+        assert only_files(small) == []  # no half-written file left behind
+        kept = "--save-probs" if fills == "--out" else "--out"
+        assert paths[kept].read_bytes() == (single["dir"] / paths[kept].name).read_bytes()
