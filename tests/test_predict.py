@@ -429,3 +429,42 @@ def test_a_disk_that_fills_up_loses_only_the_output_that_did_not_fit(single, ckp
         assert only_files(small) == []  # no half-written file left behind
         kept = "--save-probs" if fills == "--out" else "--out"
         assert paths[kept].read_bytes() == (single["dir"] / paths[kept].name).read_bytes()
+
+
+# ---------------------------------------------------------------- figures a person reads
+def text_boxes(fig, texts):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in texts if t.get_text()]
+
+
+@pytest.mark.parametrize("n", [3, 12, 48])
+def test_the_mistakes_title_sits_above_every_caption_and_nothing_is_cut(n):
+    from mtl.plots import photo_grid, plt
+    names = [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    captions = [f"{i:06d} incorrect_mask (age 59)\ntrue {names[i % 18]}\npred {names[17 - i % 18]} (0.93)"
+                for i in range(n)]
+    fig = photo_grid([np.zeros((256, 192, 3), np.uint8)] * n, captions, f"{n} most confident of 97 mistakes", 6)
+    title, = text_boxes(fig, [fig._suptitle])
+    shown = text_boxes(fig, [ax.title for ax in fig.axes])
+    assert len(shown) == n
+    page = fig.bbox
+    for box in shown + [title]:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    assert all(title.y0 >= box.y1 for box in shown)  # display y grows upwards: the title is above each caption
+    plt.close(fig)
+
+
+def test_confusion_matrices_show_every_class_name_whole():
+    from mtl.plots import confusion_figure, plt
+    for names in ([labels.class_name(c) for c in range(labels.NUM_JOINT)], labels.TASK_CLASSES["mask"]):
+        cm = np.arange(len(names) ** 2).reshape(len(names), -1)
+        fig = confusion_figure(cm, names, "18 classes (F1 0.712)")
+        ax = fig.axes[0]
+        boxes = text_boxes(fig, ax.get_xticklabels() + ax.get_yticklabels() + [ax.title, ax.xaxis.label,
+                                                                               ax.yaxis.label])
+        assert len(boxes) == 2 * len(names) + 3
+        page = fig.bbox
+        for box in boxes:
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+        plt.close(fig)
