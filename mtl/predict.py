@@ -5,8 +5,8 @@ A run reads top to bottom in `run`:
    threshold included), --weights fit, every output folder exists and takes a file, DATA/eval/info.csv
    has an ImageID column and lists only photos that exist inside eval/images (all bad rows named), the
    face-crop settings agree;
-2) decode the photos through the same cache as training, once per load size (an unreadable photo
-   stops the run, named);
+2) decode the photos through the same cache as training, once per load size (an unreadable or
+   tiny photo stops the run, named);
 3) run every checkpoint with its own preprocessing record (`transforms.eval_transform`), members
    that share a record in one pass over the photos;
 4) combine: `soft` averages each head's probabilities (weighted) and recombines them with

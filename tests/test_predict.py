@@ -468,3 +468,13 @@ def test_confusion_matrices_show_every_class_name_whole():
         for box in boxes:
             assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
         plt.close(fig)
+
+
+def test_pseudo_label_on_a_disk_that_fills_up_is_one_line_and_leaves_no_file(ckpts, synthetic_data, cache_dir,
+                                                                             tmp_path):
+    from data_tools import pseudo_label
+    with tmpfs(tmp_path / "small", size="8k") as small:
+        with pytest.raises(MTLError, match=rf"^could not write {small / 'extra.csv'} \(No space left on device\)$"):
+            run_command(pseudo_label, "--checkpoint", ckpts[0], "--data", synthetic_data, "--min-confidence", 0.1,
+                        "--out", small / "extra.csv", cache_dir=cache_dir)
+        assert only_files(small) == []
