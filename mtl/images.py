@@ -230,14 +230,15 @@ class ImageCache:
             seen.add(entry[0])
         return None
 
-    def _open(self, paths, log) -> dict:
-        """The index, checked against the pixels file; whatever cannot be trusted is marked unwritten or reset."""
+    def _open(self, paths, log) -> tuple[dict, bool]:
+        """(the index checked against the pixels file, whether the check changed it): whatever cannot be trusted
+        is marked unwritten, or the whole cache reset."""
         index, why = self._read_index()
         if why is not None:
             log(f"image cache {self.dir}: {why}; rebuilding it")
             with open(self.pixels_file, "ab") as f:
                 f.truncate(0)
-        entries, expected = index["entries"], index["rows"] * self.row_bytes
+        entries, expected, changed = index["entries"], index["rows"] * self.row_bytes, why is not None
         found = self.pixels_file.stat().st_size if self.pixels_file.is_file() else 0
         if found < expected:
             lost = [e for e in entries.values() if e[1] is not None and (e[0] + 1) * self.row_bytes > found]
@@ -245,11 +246,13 @@ class ImageCache:
                 entry[1:] = UNWRITTEN
             log(f"image cache {self.pixels_file}: holds {found // self.row_bytes} of {index['rows']} rows (truncated?)"
                 f"; decoding {len(lost)} photo(s) again")
+            self._grow(index["rows"])  # NOTE: only rows now marked unwritten get the new (zero) space
+            changed = True
         elif found > expected:  # NOTE: rows a killed fill added past the index: never recorded, never served
             os.truncate(self.pixels_file, expected)
         written = [entries[p] for p in dict.fromkeys(paths) if p in entries and entries[p][1] is not None]
         if not written:
-            return index
+            return index, changed
         picks = [written[int(k)] for k in np.unique(np.linspace(0, len(written) - 1, SPOT_CHECKS).round())]
         last = max((e for e in entries.values() if e[1] is not None), key=lambda e: e[0])
         if self._corrupt(picks + [last]):  # NOTE: the last row is where a truncated, then regrown file has zeros
@@ -257,7 +260,8 @@ class ImageCache:
             for entry in bad:
                 entry[1:] = UNWRITTEN
             log(f"image cache {self.pixels_file}: {len(bad)} row(s) do not match their checksum; decoding them again")
-        return index
+            changed = True
+        return index, changed
 
     def _corrupt(self, entries) -> list:
         """The entries whose row in the pixels file does not match its recorded checksum."""
@@ -286,7 +290,7 @@ class ImageCache:
 
     def _fill(self, paths, workers, progress, log):
         """Under the lock: decode what is missing or stale into the file -> (index entries, [Problem])."""
-        index = self._open(paths, log)
+        index, changed = self._open(paths, log)
         entries, rows_total = index["entries"], index["rows"]
         todo, problems = [], []
         for path in dict.fromkeys(paths):
@@ -314,6 +318,7 @@ class ImageCache:
             index["rows"] = rows_total
             with open(self.pixels_file, "rb+") as f:
                 os.fsync(f.fileno())  # NOTE: the rows reach the disk before the index that names them
+        if todo or changed:  # NOTE: rows found bad stay marked even when this run needs none of them
             self._write_index(index)
         found = {p.path for p in problems}
         for path in dict.fromkeys(paths):

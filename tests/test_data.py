@@ -367,3 +367,18 @@ def test_a_truncated_cache_is_refilled_not_read_as_zeros(data_copy, tmp_path):
     os.truncate(cache.pixels_file, size // 2)
     with pytest.raises(DataError, match=r"pixels\.u8: row \d+ lies past the end of the file"):
         [cached[i] for i in range(len(paths))]
+
+
+def test_a_damaged_cache_is_repaired_once_even_for_rows_this_run_does_not_need(data_copy, tmp_path):
+    samples, _ = data.train_samples(data_copy)
+    paths = list(samples["image_path"][:20])
+    cache = ImageCache(tmp_path / "cache", SIZE)
+    cache.ensure(paths, workers=1, progress=False)
+    os.truncate(cache.pixels_file, cache.row_bytes * 15)
+    notes = []
+    for _ in range(2):  # only the first ten photos are asked for: the lost rows 15..19 are not decoded now
+        ImageCache(tmp_path / "cache", SIZE).ensure(paths[:10], workers=1, progress=False, log=notes.append)
+    assert len(notes) == 1 and "holds 15 of 20 rows" in notes[0]
+    cached, _ = ImageCache(tmp_path / "cache", SIZE).ensure(paths, workers=1, progress=False, log=notes.append)
+    assert len(notes) == 1
+    assert all(np.array_equal(cached[i], decode_image(p, SIZE)) for i, p in enumerate(paths))
