@@ -478,3 +478,15 @@ def test_pseudo_label_on_a_disk_that_fills_up_is_one_line_and_leaves_no_file(ckp
             run_command(pseudo_label, "--checkpoint", ckpts[0], "--data", synthetic_data, "--min-confidence", 0.1,
                         "--out", small / "extra.csv", cache_dir=cache_dir)
         assert only_files(small) == []
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line_naming_it(ckpts, synthetic_data, tmp_path, no_forward):
+    data = eval_subset(synthetic_data, tmp_path / "data")
+    args = ["--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv"]
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        with pytest.raises(DataError, match=rf"^cannot use the image cache in {ro}/\d+x\d+ \(Read-only file system\)"):
+            run_predict(*args, cache_dir=ro)
+    with tmpfs(tmp_path / "full", size="16k") as full:  # room for the index, not for six photos' rows
+        with pytest.raises(DataError, match=rf"^cannot use the image cache in {full}/\d+x\d+ \(No space left on dev"):
+            run_predict(*args, cache_dir=full)
+    assert not (tmp_path / "sub.csv").exists()
