@@ -133,8 +133,8 @@ def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, ckpts, synthetic_data
     assert (a != b).any(), "best.pt and last.pt should disagree somewhere for this test to mean anything"
     voted = predict.combine(ensemble["member_probs"], method="hard")
     assert np.array_equal(voted.pred, hard)
-    direct = run_predict("--checkpoint", *ckpts, "--data", synthetic_data, "--ensemble", "hard", "--out",
-                         tmp_path / "direct.csv", cache_dir=cache_dir)
+    run_predict("--checkpoint", *ckpts, "--data", synthetic_data, "--ensemble", "hard", "--out",
+                tmp_path / "direct.csv", cache_dir=cache_dir)
     assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "hard.csv").read_bytes()
     weighted = run_predict("--from-probs", probs, "--ensemble", "hard", "--weights", "1", "3", "--out",
                            tmp_path / "w.csv")["result"].pred
