@@ -125,7 +125,7 @@ def run(args, log=print) -> dict:
     # NOTE: mtl.predict imports timm (seconds); imported here so --help and argument errors stay quick
     from mtl import checkpoint as ckpt_io
     from mtl.predict import (check_face_crop, check_output, check_weights, combine, load_members, load_size_of,
-                             open_sources, predict_members)
+                             open_sources, predict_members, write_outputs)
     bars = check_args(args)
     out = check_output(args.out)
     if out.exists() and not args.overwrite:
@@ -138,7 +138,7 @@ def run(args, log=print) -> dict:
     if len(samples) == 0:
         raise DataError(f"{Path(args.data) / 'eval' / 'info.csv'} lists no photos")
     sources = open_sources(samples["image_path"], [load_size_of(m) for m in members], args.cache_dir, args.cache,
-                           args.workers, args.progress)
+                           args.workers, args.progress, log)
     log(f"{len(members)} checkpoint(s), {len(samples)} eval photos, TTA {', '.join(args.tta) or 'none'}, "
         f"age threshold {age_threshold}; bars " + ", ".join(f"{t} {b:g}" for t, b in bars.items()))
 
@@ -152,8 +152,8 @@ def run(args, log=print) -> dict:
         best = ", ".join(f"{t} {found[f'{t}_confidence'].max():.4f}" for t in labels.TASKS)
         raise DataError(f"no eval photo reaches the bar on any task (highest probabilities: {best}); nothing "
                         f"written - lower --min-confidence")
-    data.write_extra(table, out)
-    log(summary(found, len(table), out, bars, age_threshold))
+    write_outputs([(out, lambda: data.write_extra(table, out), summary(found, len(table), out, bars, age_threshold))],
+                  log)
     return {"members": members, "result": result, "image_ids": image_ids, "labels": found, "table": table,
             "age_threshold": age_threshold, "out": out}
 

@@ -4,9 +4,10 @@ Reads DATA/train (train.csv + a folder of seven photos per person) and, when pre
 (info.csv + photos) and DATA/eval_truth.csv, and writes a Markdown report with PNG plots: people and
 photos per 18-class label and per task, the age histogram with the age threshold marked, a gender x
 age table, photo sizes and formats, groups of byte-identical photos, and every problem the training
-loader would reject (a missing or extra photo, an unreadable or truncated one, a missing eval photo),
-each by name. Exits 1 when the loader would reject the data, 0 otherwise (2 for unusable input, such
-as a missing train.csv). Nothing is written into DATA. Run it as
+loader would reject (a missing or extra photo, an unreadable, truncated or tiny one, an implausible
+age, a missing eval photo, a path that leads out of the data set), each by name; 16-bit PNGs and
+unusual ages are listed as worth a look. Exits 1 when the loader would reject the data, 0 otherwise
+(2 for unusable input, such as a missing train.csv). Nothing is written into DATA. Run it as
 
     python -m data_tools.report data/train_data                     # writes ./report_train_data/
     python -m data_tools.report DATA --out reports/day1 --age-threshold 59
@@ -35,6 +36,7 @@ from mtl.io import atomic_write_text
 
 EXIF_ORIENTATION = 0x0112
 FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",)}
+PNG_SIGNATURE, PNG_BIT_DEPTH = b"\x89PNG\r\n\x1a\n", 24  # the IHDR's bit depth byte follows the width and height
 LIST_LIMIT = 200  # NOTE: at most this many names per list in report.md; the summary says how many more
 
 
@@ -55,11 +57,15 @@ def class_names(threshold: int) -> list[str]:
 
 
 def file_facts(path: str) -> dict:
-    """sha1 of the bytes, and the format, size and EXIF orientation from the header (no full decode)."""
-    facts = {"path": path, "sha1": None, "format": None, "width": 0, "height": 0, "rotated": False}
+    """sha1 of the bytes, bits per sample of a PNG, and the format, size and EXIF orientation from the header (no
+    full decode)."""
+    facts = {"path": path, "sha1": None, "format": None, "width": 0, "height": 0, "rotated": False, "bits": 8}
     try:
         with open(path, "rb") as f:
-            facts["sha1"] = hashlib.sha1(f.read()).hexdigest()
+            content = f.read()
+        facts["sha1"] = hashlib.sha1(content).hexdigest()
+        if content.startswith(PNG_SIGNATURE) and len(content) > PNG_BIT_DEPTH:
+            facts["bits"] = content[PNG_BIT_DEPTH]
         with Image.open(path) as im:
             facts.update(format=im.format, width=im.size[0], height=im.size[1],
                          rotated=im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None))
@@ -74,7 +80,7 @@ def scan_files(paths, workers=4, progress=True) -> pd.DataFrame:
     with ThreadPoolExecutor(max(1, workers)) as pool:
         rows = list(tqdm(pool.map(file_facts, paths), total=len(paths), desc="hashing photos", unit="img",
                          disable=not progress, dynamic_ncols=True))
-    return pd.DataFrame(rows, columns=["path", "sha1", "format", "width", "height", "rotated"])
+    return pd.DataFrame(rows, columns=["path", "sha1", "format", "width", "height", "rotated", "bits"])
 
 
 def read_eval(root: Path) -> tuple[pd.DataFrame | None, list, list]:
@@ -135,13 +141,15 @@ def unlisted_folders(root: Path, people: pd.DataFrame) -> list:
 
 
 def format_notes(files: pd.DataFrame) -> list:
-    """Photos whose content format does not match the extension (the loader reads them anyway)."""
+    """Photos whose content format does not match the extension, and 16-bit PNGs (the loader reads them anyway)."""
     notes = []
     for row in files.dropna(subset=["format"]).itertuples():
         ext = Path(row.path).suffix.lower()
         expected = FORMAT_EXTENSIONS.get(row.format)
         if expected is not None and ext not in expected:
             notes.append(Problem(row.path, f"{row.format} content with a {ext or 'missing'} extension"))
+        if row.bits == 16:
+            notes.append(Problem(row.path, "16-bit PNG: the loader keeps the top 8 bits of each value"))
     return notes
 
 
@@ -162,10 +170,9 @@ def collect(data_root, age_threshold=labels.DEFAULT_AGE_THRESHOLD, workers=4, pr
     files = scan_files(paths, workers, progress)
     errors += check_images(paths, workers=max(1, workers), progress=progress, desc="decoding photos")
     notes += format_notes(files)
-    if len(people) and (people["age"].min() < 10 or people["age"].max() > 100):
-        odd = people[(people["age"] < 10) | (people["age"] > 100)]
-        notes += [Problem(str(root / "train" / "images" / p.path), f"age {p.age} looks wrong")
-                  for p in odd.itertuples()]
+    # NOTE: unusual but plausible ages; implausible ones (data.PLAUSIBLE_AGES) are already errors
+    odd = people[people["age"].between(*data.PLAUSIBLE_AGES) & ((people["age"] < 10) | (people["age"] > 100))]
+    notes += [Problem(str(root / "train" / "images" / p.path), f"age {p.age} looks wrong") for p in odd.itertuples()]
     samples = samples.assign(age_group=labels.age_group(samples["age"].to_numpy(), threshold))
     people = people.assign(age_group=labels.age_group(people["age"].to_numpy(), threshold))
     return {"root": root, "threshold": threshold, "people": people, "samples": samples, "eval": eval_table,

@@ -7,8 +7,9 @@ labels.UNKNOWN (-1). Age groups are not stored: they follow from `age` and the t
 (labels.age_group), so the threshold can change without touching the data.
 
 Problems with the input (a missing column, a person folder with missing or extra photos, an
-unreadable photo) are collected as `Problem`s and raised together as one DataError naming every
-offending file, before any training starts; `skip_bad=True` drops the bad photos instead.
+unreadable or tiny photo, an implausible age, a path leading out of the data set) are collected as
+`Problem`s and raised together as one DataError naming every offending file, before any training
+starts; `skip_bad=True` drops the bad photos instead.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ RELABEL_COLUMNS = ("id",)            # plus at least one of gender, age
 EXTRA_COLUMNS = ("path", "mask", "gender", "age")
 SAMPLE_COLUMNS = ("image_path", "person_id", "photo", "mask", "gender", "age", "source")
 FACE_CROP_RECORD = "face_crop.json"  # written by data_tools.crop_faces next to train/ and eval/
+# NOTE: the youngest and oldest plausible age; 0 because UTKFace (a usual extra data set) labels babies 0
+PLAUSIBLE_AGES = (0, 120)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +46,19 @@ class Problem:
 
 def format_problems(problems, what="problem", limit=50) -> str:
     """A summary line followed by one indented line per problem (at most `limit`)."""
-    lines = [f"{len(problems)} {what}{'s' if len(problems) != 1 else ''} found:"]
+    lines = [f"{len(problems)} {what if len(problems) == 1 else plural(what)} found:"]
     lines += [f"  {p}" for p in problems[:limit]]
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
+
+
+def plural(what: str) -> str:
+    """'bad row in train.csv' -> 'bad rows in train.csv', 'unreadable photo' -> 'unreadable photos'."""
+    words = what.split(" ")
+    at = next((i for i, w in enumerate(words) if i and w in ("in", "with", "of", "from")), len(words))
+    words[at - 1] += "s"
+    return " ".join(words)
 
 
 def raise_or_skip(problems, skip_bad: bool, log=print, what="bad input"):
@@ -89,6 +100,14 @@ def _parse_int(value, path, row, column, problems, allow_unknown=False):
         problems.append(Problem(f"{path} row {row}", f"column {column} must be a whole number >= 0, got {value!r}"))
         return labels.UNKNOWN
     return int(text)
+
+
+def age_error(age) -> str | None:
+    """Why an age (years) cannot be a person's, or None; UNKNOWN (-1) is not an age and passes."""
+    low, high = PLAUSIBLE_AGES
+    if age != labels.UNKNOWN and not low <= age <= high:
+        return f"age {age} is outside the plausible range {low}..{high}"
+    return None
 
 
 def _parse_gender(value, path, row, problems, allow_unknown=False):
@@ -140,6 +159,9 @@ def apply_relabel(people: pd.DataFrame, relabel_csv, log=print) -> pd.DataFrame:
                 continue
             value = (_parse_gender(text, relabel_csv, row, problems) if column == "gender"
                      else _parse_int(text, relabel_csv, row, column, problems))
+            if column == "age" and age_error(value):
+                problems.append(Problem(f"{relabel_csv} row {row}", age_error(value)))
+                continue
             old = int(people.at[i, column])
             if value != labels.UNKNOWN and value != old:
                 people.at[i, column] = value
@@ -152,8 +174,24 @@ def apply_relabel(people: pd.DataFrame, relabel_csv, log=print) -> pd.DataFrame:
     return people
 
 
-def scan_person(folder: Path):
-    """Photos of one person folder -> ({stem: path}, [Problem]) for missing, extra or doubled photos."""
+def inside(folder, name: str, real_folder=None) -> Path | None:
+    """folder/name when name is a relative path that stays inside folder (no '..', no link out of it), else None.
+
+    real_folder is os.path.realpath(folder), when the caller has it already.
+    """
+    rel = Path(name)
+    if not name.strip() or rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        return None
+    path = Path(folder) / rel
+    if len(rel.parts) == 1 and not os.path.islink(path):  # NOTE: a plain entry of folder: no realpath needed
+        return path
+    real_folder = real_folder or os.path.realpath(folder)
+    return path if Path(os.path.realpath(path)).is_relative_to(real_folder) else None
+
+
+def scan_person(folder: Path, real_root=None):
+    """Photos of one person folder -> ({stem: path}, [Problem]) for missing, extra or doubled photos (and, given
+    real_root, photos that are links to files outside it)."""
     photos, problems = {}, []
     if not folder.is_dir():
         return photos, [Problem(str(folder), "person folder listed in train.csv does not exist")]
@@ -166,22 +204,35 @@ def scan_person(folder: Path):
                                                 "with .jpg/.jpeg/.png)"))
         elif stem in photos:
             problems.append(Problem(entry.path, f"second photo for {stem} (also {Path(photos[stem]).name})"))
+        elif real_root and entry.is_symlink() and not Path(os.path.realpath(entry.path)).is_relative_to(real_root):
+            problems.append(Problem(entry.path, f"links to {os.path.realpath(entry.path)}, outside {real_root}"))
+            photos[stem] = None
         else:
             photos[stem] = entry.path
     problems += [Problem(str(folder / stem), "photo missing") for stem in labels.PHOTO_STEMS if stem not in photos]
-    return photos, problems
+    return {stem: path for stem, path in photos.items() if path is not None}, problems
 
 
 def train_samples(data_root, relabel_csv=None, log=print):
-    """Read DATA/train into (sample table, [Problem]); the problems are the layout's, not yet the pixels'."""
+    """Read DATA/train into (sample table, [Problem]); the problems are the layout's, not yet the pixels'.
+
+    A person whose age is implausible or whose folder lies outside train/images is a problem, as is a photo
+    that links outside it: nothing outside the data set is read.
+    """
     root = Path(data_root).resolve()
     people = read_people(root)
     if relabel_csv:
         people = apply_relabel(people, relabel_csv, log=log)
     rows, problems = [], []
-    images = root / "train" / "images"
-    for person in people.itertuples(index=False):
-        photos, person_problems = scan_person(images / person.path)
+    csv_path, images = root / "train" / "train.csv", root / "train" / "images"
+    real_images = os.path.realpath(images)
+    for row, person in enumerate(people.itertuples(index=False), start=2):
+        folder = inside(images, person.path, real_images)
+        if age_error(person.age) or folder is None:
+            problems.append(Problem(f"{csv_path} row {row}", age_error(person.age) or
+                                    f"path {person.path!r} does not name a folder inside {images}"))
+            continue
+        photos, person_problems = scan_person(folder, real_images)
         problems += person_problems
         for stem, path in photos.items():
             rows.append((path, person.id, stem, labels.PHOTO_MASK[stem], person.gender, person.age, "train"))
@@ -198,18 +249,25 @@ def sample_table(rows) -> pd.DataFrame:
 
 def read_eval(data_root) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """DATA/eval/info.csv -> (info as read, sample table of the listed photos that exist, [Problem] for each
-    listed photo that is missing and each ImageID listed twice)."""
+    listed photo that is missing, each ImageID that does not name a file inside eval/images (an absolute path,
+    '..', a link out) and each ImageID listed twice)."""
     root = Path(data_root).resolve()
     info_path = root / "eval" / "info.csv"
     info = read_csv_checked(info_path, EVAL_COLUMNS, "eval info.csv")
     image_dir = root / "eval" / "images"
+    real_dir = os.path.realpath(image_dir)
     ids = info["ImageID"].str.strip()
-    paths = [str(image_dir / image_id) for image_id in ids]
-    exists = [os.path.isfile(p) for p in paths]
-    problems = [Problem(p, "listed in info.csv but not found") for p, ok in zip(paths, exists) if not ok]
+    rows, problems = [], []
+    for row, image_id in enumerate(ids, start=2):
+        path = inside(image_dir, image_id, real_dir)
+        if path is None:
+            problems.append(Problem(f"{info_path} row {row}",
+                                    f"ImageID {image_id!r} does not name a file inside {image_dir}"))
+        elif not path.is_file():
+            problems.append(Problem(str(path), "listed in info.csv but not found"))
+        else:
+            rows.append((str(path), image_id, "eval", labels.UNKNOWN, labels.UNKNOWN, labels.UNKNOWN, "eval"))
     problems += [Problem(str(info_path), f"ImageID {i!r} is listed more than once") for i in ids[ids.duplicated()]]
-    rows = [(p, image_id, "eval", labels.UNKNOWN, labels.UNKNOWN, labels.UNKNOWN, "eval")
-            for p, image_id, ok in zip(paths, ids, exists) if ok]
     return info, sample_table(rows), problems
 
 
@@ -251,6 +309,8 @@ def read_extra(csv_path) -> pd.DataFrame:
             problems.append(Problem(f"{csv_path} row {row}", f"mask must be 0, 1, 2 or -1, got {mask}"))
         gender = _parse_gender(rec["gender"], csv_path, row, problems, allow_unknown=True)
         age = _parse_int(rec["age"], csv_path, row, "age", problems, allow_unknown=True)
+        if age_error(age):
+            problems.append(Problem(f"{csv_path} row {row}", age_error(age)))
         if not path.is_file():
             problems.append(Problem(str(path), f"listed in {csv_path.name} row {row} but not found"))
         person = str(rec.get("person_id") or f"{csv_path.stem}:{row}")

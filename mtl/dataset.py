@@ -89,8 +89,8 @@ def load_fold(data_root, load_size, folds=5, fold=0, seed=42, relabel_csv=None, 
     skipped = len(problems)
     samples = pd.concat([samples, *(data.read_extra(path) for path in extra_csvs or ())], ignore_index=True)
     images, problems = open_images(samples["image_path"], load_size, cache_dir=cache_dir, use_cache=use_cache,
-                                   workers=workers, progress=progress)
-    data.raise_or_skip(problems, skip_bad, log, "unreadable photo")
+                                   workers=workers, progress=progress, log=log)
+    data.raise_or_skip(problems, skip_bad, log, "bad photo")
     skipped += len(problems)
     good = np.flatnonzero(~samples["image_path"].isin({p.path for p in problems}).to_numpy())
     samples, images = samples.iloc[good].reset_index(drop=True), images.take(good)

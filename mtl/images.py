@@ -8,7 +8,9 @@ by the cache, by direct decoding and by inference alike.
 source path and its mtime and size: a photo that changed on disk is decoded again, a new one is
 appended. Reads go straight to the file (os.pread), so memory does not grow with the data set, and
 DataLoader workers share the file through the OS page cache. Later epochs, runs and Optuna
-trials never decode JPEG again.
+trials never decode JPEG again. The cache never serves a row it did not write: see ImageCache.
+
+A photo is refused (named, like an unreadable one) when a side is below MIN_PHOTO_SIDE pixels.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -25,33 +28,62 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from mtl.data import Problem
+from mtl.errors import DataError
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MTL_CACHE_DIR", Path.home() / ".cache" / "mtl"))
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # NOTE: 2 added row checksums; a format-1 cache is rebuilt (an old truncation may have zeroed rows)
+MIN_PHOTO_SIDE = 16  # NOTE: pixels; a smaller photo (e.g. a 1x1 placeholder) holds no face: refused like a broken one
+SPOT_CHECKS = 8  # rows whose checksum is verified each time the cache is opened (plus its last row)
 
 
-def decode_image(path, size=None) -> np.ndarray:
-    """Decode a photo fully (truncated files raise OSError) to RGB uint8 HxWx3, resized to size=(W, H)."""
+def read_photo(path, size=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode a photo fully (truncated files raise OSError) -> (RGB uint8 HxWx3 resized to size=(W, H), its (W, H)
+    as stored)."""
     with Image.open(path) as im:
+        stored = im.size
         if size is not None and im.format == "JPEG":
             im.draft("RGB", tuple(size))  # NOTE: JPEG decodes at 1/2, 1/4, 1/8 scale when that is still >= size
         im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        pixels = np.asarray(im)
+        pixels = np.asarray(to_rgb(im))
     if size is not None and (pixels.shape[1], pixels.shape[0]) != tuple(size):
         shrink = pixels.shape[1] > size[0] or pixels.shape[0] > size[1]
         pixels = cv2.resize(pixels, tuple(int(s) for s in size),
                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return np.ascontiguousarray(pixels)
+    return np.ascontiguousarray(pixels), stored
+
+
+def decode_image(path, size=None) -> np.ndarray:
+    """Decode a photo fully (truncated files raise OSError) to RGB uint8 HxWx3, resized to size=(W, H)."""
+    return read_photo(path, size)[0]
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any photo as 8-bit RGB: 16-bit grey keeps its top 8 bits (as Pillow does for 16-bit colour); alpha is dropped."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # NOTE: Pillow's own convert("RGB") clips 16-bit grey at 255: a 16-bit PNG would turn pure white
+        grey = np.asarray(im).astype(np.int64)
+        if im.mode == "I" and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError("32-bit grey values outside 0..65535 (not a 16-bit photo)")
+        return Image.fromarray((grey >> 8).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        raise ValueError("floating-point pixels (mode F) are not a photo format")
+    return im.convert("RGB")
+
+
+def size_error(width, height) -> str | None:
+    """Why a photo this size is refused (a side below MIN_PHOTO_SIDE), or None."""
+    if min(width, height) < MIN_PHOTO_SIDE:
+        return f"photo is {width}x{height} px, below the minimum side of {MIN_PHOTO_SIDE} px"
+    return None
 
 
 def image_error(path) -> str | None:
-    """Why a photo cannot be decoded, or None if it decodes."""
+    """Why a photo cannot be used (it does not decode, or is too small), or None."""
     try:
-        decode_image(path)
+        _, stored = read_photo(path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad photo
         return describe_decode_error(exc)
-    return None
+    return size_error(*stored)
 
 
 def describe_decode_error(exc) -> str:
@@ -103,7 +135,8 @@ class CachedImages:
         w, h = self.size
         photo = np.empty((h, w, 3), dtype=np.uint8)
         if os.preadv(self._fd, [photo], int(self.rows[i]) * photo.nbytes) != photo.nbytes:
-            raise OSError(f"{self.pixels_file}: short read at row {self.rows[i]} (cache file truncated?)")
+            raise DataError(f"{self.pixels_file}: row {self.rows[i]} lies past the end of the file (truncated while in "
+                            f"use); run again and the missing rows are decoded again")
         return photo
 
     def __del__(self):
@@ -113,20 +146,22 @@ class CachedImages:
 
 
 _WORKER_MAPS = {}
+UNWRITTEN = [None] * 5  # an index entry's mtime, size, width, height and checksum before its row is written
 
 
 def _decode_into(job):
-    """Worker: decode one photo into its row of the pixels file; return an error text or None."""
+    """Worker: decode one photo into its row of the pixels file -> (error text or None, [width, height, crc32])."""
     pixels_file, rows_total, size, row, path = job
     key = (pixels_file, rows_total)
     if key not in _WORKER_MAPS:
         _WORKER_MAPS.clear()
         _WORKER_MAPS[key] = np.memmap(pixels_file, dtype=np.uint8, mode="r+", shape=(rows_total, size[1], size[0], 3))
     try:
-        _WORKER_MAPS[key][row] = decode_image(path, size)
+        pixels, stored = read_photo(path, size)
     except Exception as exc:  # noqa: BLE001
-        return describe_decode_error(exc)
-    return None
+        return describe_decode_error(exc), None
+    _WORKER_MAPS[key][row] = pixels
+    return None, [*stored, zlib.crc32(pixels)]
 
 
 def _file_key(path):
@@ -135,13 +170,22 @@ def _file_key(path):
 
 
 class ImageCache:
-    """Every photo decoded once at one load size, kept in `<cache_dir>/<W>x<H>/pixels.u8` + `index.json`."""
+    """Every photo decoded once at one load size, kept in `<cache_dir>/<W>x<H>/pixels.u8` + `index.json`.
+
+    The index maps each photo's path to [row, mtime_ns, file size, width, height, crc32 of the row]; all but
+    the row stay null until the row is written (and the index is written only after the rows it names, so a
+    kill mid-fill leaves those photos to decode again). Opening the cache checks it against the index: an
+    unreadable index or a foreign file is rebuilt, rows a truncated file lost are decoded again, rows past
+    the index (a killed fill) are cut off, and a few rows' checksums are compared; no row is served that the
+    cache did not write.
+    """
 
     def __init__(self, cache_dir=None, size=(192, 256)):
         self.size = (int(size[0]), int(size[1]))
         self.dir = Path(cache_dir or DEFAULT_CACHE_DIR) / f"{self.size[0]}x{self.size[1]}"
         self.pixels_file = self.dir / "pixels.u8"
         self.index_file = self.dir / "index.json"
+        self.row_bytes = self.size[0] * self.size[1] * 3
 
     @contextlib.contextmanager
     def _locked(self):
@@ -154,75 +198,159 @@ class ImageCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read_index(self):
-        if self.index_file.is_file() and self.pixels_file.is_file():
-            with contextlib.suppress(ValueError, KeyError):
-                index = json.loads(self.index_file.read_text())
-                if index["format"] == CACHE_FORMAT and index["size"] == list(self.size):
-                    return index
-        return {"format": CACHE_FORMAT, "size": list(self.size), "rows": 0, "entries": {}}
+    def _empty_index(self):
+        return {"format": CACHE_FORMAT, "size": list(self.size), "row_bytes": self.row_bytes, "rows": 0, "entries": {}}
+
+    def _read_index(self) -> tuple[dict, str | None]:
+        """(the index, None), or (an empty index, why the one on disk cannot be trusted)."""
+        if not self.index_file.is_file():
+            return self._empty_index(), ("index.json is missing" if self.pixels_file.is_file() else None)
+        try:
+            index = json.loads(self.index_file.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._empty_index(), f"index.json is unreadable ({str(exc).splitlines()[0][:80]})"
+        why = self._index_error(index)
+        return (index, None) if why is None else (self._empty_index(), why)
+
+    def _index_error(self, index) -> str | None:
+        """Why a parsed index is not one this cache wrote, or None."""
+        if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
+            return f"index.json is not of format {CACHE_FORMAT}"
+        if index.get("size") != list(self.size) or index.get("row_bytes") != self.row_bytes:
+            return "index.json describes another photo size"
+        rows, entries = index.get("rows"), index.get("entries")
+        if type(rows) is not int or rows < 0 or not isinstance(entries, dict):
+            return "index.json has no valid rows and entries"
+        seen = set()
+        for entry in entries.values():
+            ok = isinstance(entry, list) and len(entry) == 6 and type(entry[0]) is int and 0 <= entry[0] < rows
+            ok = ok and (entry[1:] == UNWRITTEN or all(type(v) is int for v in entry[1:]))
+            if not ok or entry[0] in seen:
+                return "index.json holds an invalid or doubled row"
+            seen.add(entry[0])
+        return None
+
+    def _open(self, paths, log) -> tuple[dict, bool]:
+        """(the index checked against the pixels file, whether the check changed it): whatever cannot be trusted
+        is marked unwritten, or the whole cache reset."""
+        index, why = self._read_index()
+        if why is not None:
+            log(f"image cache {self.dir}: {why}; rebuilding it")
+            with open(self.pixels_file, "ab") as f:
+                f.truncate(0)
+        entries, expected, changed = index["entries"], index["rows"] * self.row_bytes, why is not None
+        found = self.pixels_file.stat().st_size if self.pixels_file.is_file() else 0
+        if found < expected:
+            lost = [e for e in entries.values() if e[1] is not None and (e[0] + 1) * self.row_bytes > found]
+            for entry in lost:
+                entry[1:] = UNWRITTEN
+            log(f"image cache {self.pixels_file}: holds {found // self.row_bytes} of {index['rows']} rows (truncated?)"
+                f"; decoding {len(lost)} photo(s) again")
+            self._grow(index["rows"])  # NOTE: only rows now marked unwritten get the new (zero) space
+            changed = True
+        elif found > expected:  # NOTE: rows a killed fill added past the index: never recorded, never served
+            os.truncate(self.pixels_file, expected)
+        written = [entries[p] for p in dict.fromkeys(paths) if p in entries and entries[p][1] is not None]
+        if not written:
+            return index, changed
+        picks = [written[int(k)] for k in np.unique(np.linspace(0, len(written) - 1, SPOT_CHECKS).round())]
+        last = max((e for e in entries.values() if e[1] is not None), key=lambda e: e[0])
+        if self._corrupt(picks + [last]):  # NOTE: the last row is where a truncated, then regrown file has zeros
+            bad = self._corrupt([e for e in entries.values() if e[1] is not None])
+            for entry in bad:
+                entry[1:] = UNWRITTEN
+            log(f"image cache {self.pixels_file}: {len(bad)} row(s) do not match their checksum; decoding them again")
+            changed = True
+        return index, changed
+
+    def _corrupt(self, entries) -> list:
+        """The entries whose row in the pixels file does not match its recorded checksum."""
+        fd = os.open(self.pixels_file, os.O_RDONLY)
+        try:
+            return [e for e in entries if zlib.crc32(os.pread(fd, self.row_bytes, e[0] * self.row_bytes)) != e[5]]
+        finally:
+            os.close(fd)
 
     def _write_index(self, index):
         from mtl.io import atomic_write_text
         atomic_write_text(json.dumps(index), self.index_file)
 
-    def ensure(self, paths, workers=2, progress=True):
+    def ensure(self, paths, workers=2, progress=True, log=print):
         """Decode every photo that is missing or stale; return (CachedImages for `paths`, [Problem])."""
         paths = [str(Path(p).resolve()) for p in paths]
-        with self._locked():
-            index = self._read_index()
-            entries, rows_total = index["entries"], index["rows"]
-            todo, problems = [], []
-            for path in dict.fromkeys(paths):
-                try:
-                    key = _file_key(path)
-                except OSError as exc:
-                    problems.append(Problem(path, f"cannot be read ({exc.strerror})"))
-                    entries.pop(path, None)
-                    continue
-                entry = entries.get(path)
-                if entry is None:
-                    entry = entries[path] = [rows_total, None, None]
-                    rows_total += 1
-                if entry[1:] != key:
-                    todo.append((path, key))
-            if todo:
-                self._grow(rows_total)
-                jobs = [(str(self.pixels_file), rows_total, self.size, entries[p][0], p) for p, _ in todo]
-                errors = self._run(jobs, workers, progress)
-                for (path, key), error in zip(todo, errors):
-                    if error is None:
-                        entries[path][1:] = key
-                    else:
-                        entries[path][1:] = [None, None]
-                        problems.append(Problem(path, error))
-                index["rows"] = rows_total
-                self._write_index(index)
+        try:
+            with self._locked():
+                entries, problems = self._fill(paths, workers, progress, log)
+        except OSError as exc:
+            raise DataError(f"cannot use the image cache in {self.dir} ({exc.strerror or exc}); pass --cache-dir "
+                            f"with another folder, or --no-cache") from None
         bad = {p.path for p in problems}
         rows = [entries[p][0] if p not in bad else -1 for p in paths]
         return CachedImages(self.pixels_file, self.size, rows), problems
 
+    def _fill(self, paths, workers, progress, log):
+        """Under the lock: decode what is missing or stale into the file -> (index entries, [Problem])."""
+        index, changed = self._open(paths, log)
+        entries, rows_total = index["entries"], index["rows"]
+        todo, problems = [], []
+        for path in dict.fromkeys(paths):
+            try:
+                key = _file_key(path)
+            except OSError as exc:
+                problems.append(Problem(path, f"cannot be read ({exc.strerror})"))
+                entries.pop(path, None)
+                continue
+            entry = entries.get(path)
+            if entry is None:
+                entry = entries[path] = [rows_total, *UNWRITTEN]
+                rows_total += 1
+            if entry[1:3] != key:
+                todo.append((path, key))
+        if todo:
+            self._grow(rows_total)
+            jobs = [(str(self.pixels_file), rows_total, self.size, entries[p][0], p) for p, _ in todo]
+            for (path, key), (error, facts) in zip(todo, self._run(jobs, workers, progress)):
+                if error is None:
+                    entries[path][1:] = key + facts
+                else:
+                    entries[path][1:] = UNWRITTEN
+                    problems.append(Problem(path, error))
+            index["rows"] = rows_total
+            with open(self.pixels_file, "rb+") as f:
+                os.fsync(f.fileno())  # NOTE: the rows reach the disk before the index that names them
+        if todo or changed:  # NOTE: rows found bad stay marked even when this run needs none of them
+            self._write_index(index)
+        found = {p.path for p in problems}
+        for path in dict.fromkeys(paths):
+            error = None if path in found else size_error(*entries[path][3:5])
+            if error:
+                problems.append(Problem(path, error))
+        return entries, problems
+
     def _grow(self, rows_total):
-        w, h = self.size
+        """Make room for rows_total rows; the space is allocated now, so a full disk is an error, not a crash."""
         with open(self.pixels_file, "ab") as f:
-            f.truncate(max(os.path.getsize(self.pixels_file), rows_total * h * w * 3))
+            have = os.fstat(f.fileno()).st_size
+            if rows_total * self.row_bytes > have:
+                # NOTE: a memmap write into a sparse file on a full disk is a SIGBUS; fallocate fails cleanly
+                os.posix_fallocate(f.fileno(), have, rows_total * self.row_bytes - have)
 
     def _run(self, jobs, workers, progress):
         bar = tqdm(total=len(jobs), desc=f"caching photos at {self.size[0]}x{self.size[1]}", unit="img",
                    disable=not progress, dynamic_ncols=True)
-        errors = []
+        results = []
         with bar:
             if workers <= 1 or len(jobs) < 64:
                 for job in jobs:
-                    errors.append(_decode_into(job))
+                    results.append(_decode_into(job))
                     bar.update()
             else:
                 with ProcessPoolExecutor(workers) as pool:
-                    for error in pool.map(_decode_into, jobs, chunksize=32):
-                        errors.append(error)
+                    for result in pool.map(_decode_into, jobs, chunksize=32):
+                        results.append(result)
                         bar.update()
         _WORKER_MAPS.clear()
-        return errors
+        return results
 
 
 def check_images(paths, workers=2, progress=True, desc="checking photos"):
@@ -244,9 +372,10 @@ def check_images(paths, workers=2, progress=True, desc="checking photos"):
     return [Problem(p, e) for p, e in zip(paths, errors) if e is not None]
 
 
-def open_images(paths, size, cache_dir=None, use_cache=True, workers=2, progress=True):
-    """Photos at `size` for these paths -> (image source, [Problem]); every photo is checked to decode."""
+def open_images(paths, size, cache_dir=None, use_cache=True, workers=2, progress=True, log=print):
+    """Photos at `size` for these paths -> (image source, [Problem]); every photo is checked to decode and be
+    at least MIN_PHOTO_SIDE on each side."""
     if use_cache:
-        return ImageCache(cache_dir, size).ensure(paths, workers=workers, progress=progress)
+        return ImageCache(cache_dir, size).ensure(paths, workers=workers, progress=progress, log=log)
     problems = check_images(paths, workers=workers, progress=progress)
     return DirectImages(paths, size), problems

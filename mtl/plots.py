@@ -39,7 +39,9 @@ def photo_grid(images, captions, title="", columns=8) -> plt.Figure:
     n = max(len(images), 1)
     columns = min(columns, n)
     rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.6 * rows + 0.4), squeeze=False)
+    # NOTE: constrained layout makes room for the title above the captions; tight_layout ignores a suptitle
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.6 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):
@@ -47,7 +49,6 @@ def photo_grid(images, captions, title="", columns=8) -> plt.Figure:
         ax.set_title(caption, fontsize=6)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 

@@ -2,10 +2,11 @@
 
 A run reads top to bottom in `run`:
 1) check everything before any model forward: checkpoints load and share one label schema (age
-   threshold included), --weights fit, every output folder exists, DATA/eval/info.csv has an ImageID
-   column and lists only photos that exist (all missing ones named), the face-crop settings agree;
-2) decode the photos through the same cache as training, once per load size (an unreadable photo
-   stops the run, named);
+   threshold included), --weights fit, every output folder exists and takes a file, DATA/eval/info.csv
+   has an ImageID column and lists only photos that exist inside eval/images (all bad rows named), the
+   face-crop settings agree;
+2) decode the photos through the same cache as training, once per load size (an unreadable or
+   tiny photo stops the run, named);
 3) run every checkpoint with its own preprocessing record (`transforms.eval_transform`), members
    that share a record in one pass over the photos;
 4) combine: `soft` averages each head's probabilities (weighted) and recombines them with
@@ -13,7 +14,8 @@ A run reads top to bottom in `run`:
    the soft result;
 5) write atomically: the submission (ImageID,ans in info.csv order), --save-probs, or with
    --validate a report on one fold's validation people (per-class metrics, confusion matrices,
-   the most confident mistakes, the people most often wrong).
+   the most confident mistakes, the people most often wrong); an output that cannot be written
+   (a full disk) is named in one line after the others are written.
 
 Probability files (--save-probs) hold one row per photo and ensemble member: ImageID, checkpoint,
 age_threshold, mask_0..2, gender_0..1, age_0..2 (+ joint_0..17, age_reg when the model has them);
@@ -26,6 +28,7 @@ import dataclasses
 import glob
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ from mtl import labels
 from mtl.cli import add_inference_arguments
 from mtl.data import (FACE_CROP_RECORD, eval_samples, format_problems, read_csv_checked, read_face_crop_record,
                       same_face_crop)
-from mtl.errors import ConfigError, DataError
+from mtl.errors import ConfigError, DataError, MTLError
 from mtl.io import atomic_write_csv, atomic_write_text, check_parent
 from mtl.metrics import confusion, per_class_report, predict_classes, recombine, score
 
@@ -115,24 +118,58 @@ def check_face_crop(members, data_root, log=print):
 
 
 def check_output(path, flag="--out") -> Path:
-    """An output file path whose folder exists and which is not itself a folder."""
+    """An output file path whose folder exists and can be written (check_writable), and which is not itself a
+    folder or a device."""
     path = check_parent(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{flag} {path} is not a regular file; give a file name")
+    check_writable(path.parent, flag)
     return path
 
 
+def check_writable(folder, flag):
+    """Raise a one-line error unless a small file can be written in folder (a read-only or full disk, a folder the
+    user may not write); the file is removed again."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        try:
+            os.write(fd, bytes(4096))  # NOTE: one block: a disk that is already full fails here, not after compute
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def write_outputs(writes, log=print):
+    """Run each (path, write, message) in turn; one that fails (a full disk) is named after the others are written."""
+    failed = []
+    for path, write, message in writes:
+        try:
+            write()
+        except OSError as exc:
+            failed.append(f"{path} ({exc.strerror or exc})")
+        else:
+            if message:
+                log(message)
+    if failed:
+        rest = "; the other outputs were written" if len(failed) < len(writes) else ""
+        raise MTLError(f"could not write {'; '.join(failed)}{rest}")
+
+
 # ---------------------------------------------------------------- photos and forward passes
-def open_sources(paths, load_sizes, cache_dir=None, use_cache=True, workers=2, progress=True) -> dict:
-    """{load size: image source aligned with paths}, each size decoded once; any unreadable photo is a DataError."""
+def open_sources(paths, load_sizes, cache_dir=None, use_cache=True, workers=2, progress=True, log=print) -> dict:
+    """{load size: image source aligned with paths}, each size decoded once; any bad photo is a DataError."""
     from mtl.images import open_images
     sources, problems = {}, []
     for size in dict.fromkeys(load_sizes):
         sources[size], found = open_images(paths, size, cache_dir=cache_dir, use_cache=use_cache, workers=workers,
-                                           progress=progress)
+                                           progress=progress, log=log)
         problems += [p for p in found if p.path not in {q.path for q in problems}]
     if problems:
-        raise DataError(format_problems(problems, "unreadable image"))
+        raise DataError(format_problems(problems, "bad eval photo"))
     return sources
 
 
@@ -491,6 +528,7 @@ def run(args, log=print) -> dict:
         report_dir = check_parent(Path(args.report))
         if report_dir.exists() and not report_dir.is_dir():
             raise ConfigError(f"--report {report_dir} is a file; give a folder")
+        check_writable(report_dir if report_dir.is_dir() else report_dir.parent, "--report")
     else:
         check_output(args.out)
     if args.save_probs:
@@ -506,7 +544,7 @@ def run(args, log=print) -> dict:
         if len(samples) == 0:
             raise DataError(f"{Path(args.data) / 'eval' / 'info.csv'} lists no photos")
         sources = open_sources(samples["image_path"], [load_size_of(m) for m in members], args.cache_dir, args.cache,
-                               args.workers, args.progress)
+                               args.workers, args.progress, log)
         image_ids = info["ImageID"].tolist()
     log(f"{len(members)} checkpoint(s), {len(samples)} photos, ensemble {args.ensemble if len(members) > 1 else '-'}"
         f", TTA {', '.join(args.tta) or 'none'}, age threshold {age_threshold}")
@@ -514,21 +552,30 @@ def run(args, log=print) -> dict:
     member_probs = predict_members(members, samples, sources, args.batch_size, args.workers, args.device, args.amp,
                                    args.tta, args.progress)
     result = combine(member_probs, weights, args.ensemble)
-    if args.save_probs:
-        tables = [probs_table(image_ids, p, m["path"], ckpt_io.threshold(m)) for m, p in zip(members, member_probs)]
-        atomic_write_csv(pd.concat(tables, ignore_index=True), args.save_probs)
-        log(f"wrote {args.save_probs}: per-task probabilities of {len(members)} checkpoint(s)")
     out = {"members": members, "member_probs": member_probs, "result": result, "image_ids": image_ids}
+    writes = []  # NOTE: the submission first; each output is written even when another one fails
     if not args.validate:
-        atomic_write_csv(submission_table(image_ids, result.pred), args.out)
-        log(f"wrote {args.out}: {len(image_ids)} rows; classes predicted {class_counts_line(result.pred)}")
+        submission = submission_table(image_ids, result.pred)
+        writes.append((args.out, lambda: atomic_write_csv(submission, args.out),
+                       f"wrote {args.out}: {len(image_ids)} rows; classes predicted {class_counts_line(result.pred)}"))
+    if args.save_probs:
+        probs = pd.concat([probs_table(image_ids, p, m["path"], ckpt_io.threshold(m))
+                           for m, p in zip(members, member_probs)], ignore_index=True)
+        writes.append((args.save_probs, lambda: atomic_write_csv(probs, args.save_probs),
+                       f"wrote {args.save_probs}: per-task probabilities of {len(members)} checkpoint(s)"))
+    if not args.validate:
+        write_outputs(writes, log)
         return out
-    report_dir.mkdir(exist_ok=True)
     info = {"checkpoints": [m["path"] for m in members], "weights": weights.tolist(), "ensemble": args.ensemble,
             "tta": list(args.tta), "fold": split[0], "folds": split[1], "seed": split[2], "data": str(args.data),
             "age_threshold": age_threshold, "photos": len(samples), "people": int(samples["person_id"].nunique())}
-    metrics = write_report(report_dir, samples, sources[load_size_of(members[0])], result, age_threshold, info,
-                           args.mistakes)
+    metrics = {}
+
+    def report():
+        report_dir.mkdir(exist_ok=True)
+        metrics.update(write_report(report_dir, samples, sources[load_size_of(members[0])], result, age_threshold,
+                                    info, args.mistakes))
+    write_outputs(writes + [(report_dir, report, None)], log)
     log(f"validation fold {split[0]} of {split[1]} ({info['photos']} photos, {info['people']} people): "
         f"{headline(metrics)}")
     log(f"report: {report_dir / 'report.md'}")
@@ -542,9 +589,9 @@ def run_from_probs(args, log=print) -> dict:
     image_ids, members = read_probs(paths)
     weights = check_weights(args.weights, len(members), "ensemble member")
     result = combine([m["probs"] for m in members], weights, args.ensemble)
-    atomic_write_csv(submission_table(image_ids, result.pred), args.out)
-    log(f"wrote {args.out}: {len(image_ids)} rows from {len(members)} saved member(s), ensemble {args.ensemble}; "
-        f"classes predicted {class_counts_line(result.pred)}")
+    write_outputs([(args.out, lambda: atomic_write_csv(submission_table(image_ids, result.pred), args.out),
+                    f"wrote {args.out}: {len(image_ids)} rows from {len(members)} saved member(s), ensemble "
+                    f"{args.ensemble}; classes predicted {class_counts_line(result.pred)}")], log)
     return {"members": members, "result": result, "image_ids": image_ids}
 
 

@@ -20,7 +20,8 @@ import torch
 from mtl import checkpoint as ckpt_io
 from mtl.cli import add_inference_arguments
 from mtl.errors import ConfigError
-from mtl.predict import check_face_crop, check_output, load_members, load_size_of, truth_of, validation_fold
+from mtl.predict import (check_face_crop, check_output, load_members, load_size_of, truth_of, validation_fold,
+                         write_outputs)
 
 SAME_KEYS = ("arch", "model", "head")
 
@@ -131,11 +132,12 @@ def make_soup(args, log=print) -> dict:
     soup = greedy_soup(members, scorer, log)
     best = members[soup["kept"][0]]
     validation = {"fold": split[0], "folds": split[1], "seed": split[2], "tta": list(tta), "table": soup["table"]}
-    ckpt_io.save({"model": soup["state"], "config": best["config"], "schema": best["schema"],
-                  "preprocess": best["preprocess"], "epoch": best.get("epoch"), "metrics": soup["metrics"],
-                  "soup": [members[i]["path"] for i in soup["kept"]], "soup_validation": validation}, out)
-    log(f"wrote {out}: soup of {len(soup['kept'])} of {len(members)} ingredient(s), validation 18-class F1 "
-        f"{soup['metrics']['f1']:.4f} (best ingredient {soup['table'][0]['f1']:.4f})")
+    record = {"model": soup["state"], "config": best["config"], "schema": best["schema"],
+              "preprocess": best["preprocess"], "epoch": best.get("epoch"), "metrics": soup["metrics"],
+              "soup": [members[i]["path"] for i in soup["kept"]], "soup_validation": validation}
+    write_outputs([(out, lambda: ckpt_io.save(record, out),
+                    f"wrote {out}: soup of {len(soup['kept'])} of {len(members)} ingredient(s), validation 18-class "
+                    f"F1 {soup['metrics']['f1']:.4f} (best ingredient {soup['table'][0]['f1']:.4f})")], log)
     return soup
 
 

@@ -1,5 +1,6 @@
 """predict.py: the submission follows info.csv and beats chance, ensembles, TTA, probability files, the validation
 report, and every bad input stops with a clear error before any forward pass and with nothing written."""
+import contextlib
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -131,8 +133,8 @@ def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, ckpts, synthetic_data
     assert (a != b).any(), "best.pt and last.pt should disagree somewhere for this test to mean anything"
     voted = predict.combine(ensemble["member_probs"], method="hard")
     assert np.array_equal(voted.pred, hard)
-    direct = run_predict("--checkpoint", *ckpts, "--data", synthetic_data, "--ensemble", "hard", "--out",
-                         tmp_path / "direct.csv", cache_dir=cache_dir)
+    run_predict("--checkpoint", *ckpts, "--data", synthetic_data, "--ensemble", "hard", "--out",
+                tmp_path / "direct.csv", cache_dir=cache_dir)
     assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "hard.csv").read_bytes()
     weighted = run_predict("--from-probs", probs, "--ensemble", "hard", "--weights", "1", "3", "--out",
                            tmp_path / "w.csv")["result"].pred
@@ -328,3 +330,163 @@ def test_command_line(ckpts, synthetic_data, cache_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert len(sub) == 5 and "wrote" in done.stdout
+
+
+# ---------------------------------------------------------------- photos: 16-bit, tiny, outside eval/images
+def test_a_16_bit_png_is_predicted_as_its_8_bit_photo(ckpts, synthetic_data, cache_dir, tmp_path):
+    data = eval_subset(synthetic_data, tmp_path / "data", n=4, info=False)
+    source = sorted((data / "eval" / "images").iterdir())[0]
+    grey = np.asarray(Image.open(source).convert("L"))
+    cv2.imwrite(str(data / "eval" / "images" / "deep.png"), grey.astype(np.uint16) * 257)  # 16 bits, same photo
+    Image.fromarray(grey).save(data / "eval" / "images" / "plain.png")
+    pd.DataFrame({"ImageID": ["deep.png", "plain.png"], "ans": 0}).to_csv(data / "eval" / "info.csv", index=False)
+    probs = run_predict("--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv",
+                        cache_dir=cache_dir)["member_probs"][0]
+    for key in probs:
+        assert np.array_equal(probs[key][0], probs[key][1]), key
+
+
+def test_a_tiny_eval_photo_is_named_before_any_compute(ckpts, synthetic_data, cache_dir, tmp_path, no_forward):
+    data = eval_subset(synthetic_data, tmp_path / "data")
+    tiny = sorted((data / "eval" / "images").iterdir())[2]
+    Image.new("RGB", (1, 1)).save(tiny, format="JPEG")
+    with pytest.raises(DataError, match=f"{tiny}: photo is 1x1 px, below the minimum side of 16 px"):
+        run_predict("--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv", cache_dir=cache_dir)
+    assert only_files(tmp_path) == ["data"]
+
+
+def test_image_ids_outside_eval_images_are_refused_and_never_cached(ckpts, synthetic_data, tmp_path, no_forward):
+    data = eval_subset(synthetic_data, tmp_path / "data")
+    info = pd.read_csv(data / "eval" / "info.csv", dtype=str)
+    secret = tmp_path / "secret.jpg"
+    shutil.copy(data / "eval" / "images" / info["ImageID"][0], secret)
+    (data / "eval" / "images" / "link.jpg").symlink_to(secret)
+    bad = ["../../secret.jpg", str(secret), "link.jpg"]
+    pd.concat([info, pd.DataFrame({"ImageID": bad, "ans": 0})]).to_csv(data / "eval" / "info.csv", index=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as error:
+        run_predict("--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv", cache_dir=cache)
+    for row, image_id in enumerate(bad, start=len(info) + 2):
+        assert f"info.csv row {row}: ImageID {image_id!r} does not name a file inside" in str(error.value)
+    assert not (tmp_path / "sub.csv").exists()
+    assert not cache.exists() or "secret" not in "".join(p.read_text() for p in cache.rglob("index.json"))
+
+
+# ---------------------------------------------------------------- outputs that cannot be written
+@contextlib.contextmanager
+def tmpfs(path, size="8k", read_only=False):
+    """A real small (or read-only) file system at path: root cannot write past either, unlike a chmod."""
+    path.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs",
+                               str(path)], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() if done else 'no mount command'}): needs root "
+                    f"or CAP_SYS_ADMIN to make a full or read-only disk")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
+
+
+def test_unwritable_outputs_are_refused_before_any_compute(ckpts, synthetic_data, tmp_path, no_forward):
+    args = ["--checkpoint", ckpts[0], "--data", synthetic_data]
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        with pytest.raises(ConfigError, match=rf"--out: cannot write in {ro} \(Read-only file system\)"):
+            run_predict(*args, "--out", ro / "sub.csv")
+        with pytest.raises(ConfigError, match=rf"--save-probs: cannot write in {ro} \(Read-only file system\)"):
+            run_predict(*args, "--out", tmp_path / "sub.csv", "--save-probs", ro / "probs.csv")
+        with pytest.raises(ConfigError, match=rf"--report: cannot write in {ro}"):
+            run_predict(*args, "--validate", "--report", ro / "report")
+    with tmpfs(tmp_path / "full", size="4k") as full:
+        (full / "filler").write_bytes(bytes(4096))  # the disk is full before the run starts
+        with pytest.raises(ConfigError, match=rf"--out: cannot write in {full} \(No space left on device\)"):
+            run_predict(*args, "--out", full / "sub.csv")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        run_predict(*args, "--out", tmp_path / "fifo")
+    assert only_files(tmp_path) == ["fifo", "full", "ro"]
+
+
+@pytest.mark.parametrize("fills", ["--out", "--save-probs"])
+def test_a_disk_that_fills_up_loses_only_the_output_that_did_not_fit(single, ckpts, synthetic_data, cache_dir,
+                                                                     tmp_path, capsys, fills):
+    # an 8 KiB disk takes the write check (4 KiB) but not the submission (~10 KB) nor the probabilities (~60 KB)
+    with tmpfs(tmp_path / "small", size="8k") as small:
+        paths = {"--out": tmp_path / "sub.csv", "--save-probs": tmp_path / "probs.csv"}
+        paths[fills] = small / Path(paths[fills]).name
+        argv = ["--checkpoint", str(ckpts[0]), "--data", str(synthetic_data), "--out", str(paths["--out"]),
+                "--save-probs", str(paths["--save-probs"]), "--cache-dir", str(cache_dir), "--workers", "0",
+                "--no-progress"]
+        with pytest.raises(SystemExit) as exit_info:
+            main_guard(lambda: predict.main(argv))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: could not write {paths[fills]} (No space left on device); the other outputs were "
+                       f"written\n")
+        assert only_files(small) == []  # no half-written file left behind
+        kept = "--save-probs" if fills == "--out" else "--out"
+        assert paths[kept].read_bytes() == (single["dir"] / paths[kept].name).read_bytes()
+
+
+# ---------------------------------------------------------------- figures a person reads
+def text_boxes(fig, texts):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in texts if t.get_text()]
+
+
+@pytest.mark.parametrize("n", [3, 12, 48])
+def test_the_mistakes_title_sits_above_every_caption_and_nothing_is_cut(n):
+    from mtl.plots import photo_grid, plt
+    names = [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    captions = [f"{i:06d} incorrect_mask (age 59)\ntrue {names[i % 18]}\npred {names[17 - i % 18]} (0.93)"
+                for i in range(n)]
+    fig = photo_grid([np.zeros((256, 192, 3), np.uint8)] * n, captions, f"{n} most confident of 97 mistakes", 6)
+    title, = text_boxes(fig, [fig._suptitle])
+    shown = text_boxes(fig, [ax.title for ax in fig.axes])
+    assert len(shown) == n
+    page = fig.bbox
+    for box in shown + [title]:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    assert all(title.y0 >= box.y1 for box in shown)  # display y grows upwards: the title is above each caption
+    plt.close(fig)
+
+
+def test_confusion_matrices_show_every_class_name_whole():
+    from mtl.plots import confusion_figure, plt
+    for names in ([labels.class_name(c) for c in range(labels.NUM_JOINT)], labels.TASK_CLASSES["mask"]):
+        cm = np.arange(len(names) ** 2).reshape(len(names), -1)
+        fig = confusion_figure(cm, names, "18 classes (F1 0.712)")
+        ax = fig.axes[0]
+        boxes = text_boxes(fig, ax.get_xticklabels() + ax.get_yticklabels() + [ax.title, ax.xaxis.label,
+                                                                               ax.yaxis.label])
+        assert len(boxes) == 2 * len(names) + 3
+        page = fig.bbox
+        for box in boxes:
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+        plt.close(fig)
+
+
+def test_pseudo_label_on_a_disk_that_fills_up_is_one_line_and_leaves_no_file(ckpts, synthetic_data, cache_dir,
+                                                                             tmp_path):
+    from data_tools import pseudo_label
+    with tmpfs(tmp_path / "small", size="8k") as small:
+        with pytest.raises(MTLError, match=rf"^could not write {small / 'extra.csv'} \(No space left on device\)$"):
+            run_command(pseudo_label, "--checkpoint", ckpts[0], "--data", synthetic_data, "--min-confidence", 0.1,
+                        "--out", small / "extra.csv", cache_dir=cache_dir)
+        assert only_files(small) == []
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line_naming_it(ckpts, synthetic_data, tmp_path, no_forward):
+    data = eval_subset(synthetic_data, tmp_path / "data")
+    args = ["--checkpoint", ckpts[0], "--data", data, "--out", tmp_path / "sub.csv"]
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        with pytest.raises(DataError, match=rf"^cannot use the image cache in {ro}/\d+x\d+ \(Read-only file system\)"):
+            run_predict(*args, cache_dir=ro)
+    with tmpfs(tmp_path / "full", size="16k") as full:  # room for the index, not for six photos' rows
+        with pytest.raises(DataError, match=rf"^cannot use the image cache in {full}/\d+x\d+ \(No space left on dev"):
+            run_predict(*args, cache_dir=full)
+    assert not (tmp_path / "sub.csv").exists()

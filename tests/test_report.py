@@ -1,9 +1,11 @@
 """data_tools.report: counts equal what was generated; planted problems are named and fail the run."""
 import shutil
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from data_tools import report
 from data_tools.make_synthetic import make_synthetic
@@ -90,3 +92,33 @@ def test_missing_train_csv_exits_2_naming_it(small_data, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "train.csv not found" in err and str(root) in err and len(err.strip().splitlines()) == 1
+
+
+def test_implausible_data_is_named_as_the_loader_names_it(small_data, tmp_path, capsys):
+    root = shutil.copytree(small_data, tmp_path / "data")
+    csv = root / "train" / "train.csv"
+    people = pd.read_csv(csv, dtype=str)
+    people.loc[2, "age"] = "200"
+    people.to_csv(csv, index=False)
+    folder = root / "train" / "images" / people["path"][0]
+    tiny = next(p for p in folder.iterdir() if p.stem == "mask2")
+    Image.new("RGB", (1, 1)).save(tiny, format="PNG" if tiny.suffix == ".png" else "JPEG")
+    deep = next(p for p in folder.iterdir() if p.stem == "normal")
+    grey = np.asarray(Image.open(deep).convert("L"))
+    deep.unlink()
+    deep = deep.with_suffix(".png")
+    cv2.imwrite(str(deep), grey.astype(np.uint16) * 257)
+    info = root / "eval" / "info.csv"
+    with info.open("a") as f:
+        f.write("../../train/train.csv,0\n")
+
+    assert report.main([str(root), "--out", str(tmp_path / "rep"), "--no-progress", "--workers", "1"]) == 1
+    text = (tmp_path / "rep" / "report.md").read_text()
+    errors, notes = text.split("## Errors")[1].split("## Worth a look")
+    rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    assert "`train/train.csv row 4`: age 200 is outside the plausible range 0..120" in errors
+    assert f"`{rel(tiny)}`: photo is 1x1 px, below the minimum side of 16 px" in errors
+    assert f"row {len(pd.read_csv(info))+1}`: ImageID '../../train/train.csv' does not name a file inside" in errors
+    assert f"`{rel(deep)}`: 16-bit PNG" in notes and rel(deep) not in errors
+    assert "age 200 looks wrong" not in notes
+    assert "3 error(s)" in capsys.readouterr().out
