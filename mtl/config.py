@@ -69,7 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     accumulate: int = 1
     amp: str = "auto"
-    channels_last: bool = True
+    channels_last: bool | str = "auto"  # auto: on CUDA only; true asks for it on the CPU too
     compile: bool = False
     ema: float = 0.0
     sampler: str = "none"
@@ -194,6 +194,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.img_size = list(size_pair(cfg.img_size, "--img-size"))
     cfg.load_size = list(size_pair(cfg.load_size, "--load-size")) if cfg.load_size else None
     cfg.center_crop = list(size_pair(cfg.center_crop, "--center-crop")) if cfg.center_crop else None
+    if cfg.channels_last not in ("auto", True, False):
+        raise ConfigError(f"channels_last must be auto, true or false, got {cfg.channels_last!r}")
     check_augment(cfg.augment)
     check_augment(cfg.oversample_augment)
     cfg.extra = [cfg.extra] if isinstance(cfg.extra, str) else list(cfg.extra or [])
