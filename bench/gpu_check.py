@@ -102,16 +102,23 @@ def plan(args) -> list[tuple[str, str]]:
     return out
 
 
-def supervise(names, records, deadline, command_for, poll_s=0.25, on_change=None) -> dict:
+def supervise(names, records, deadline, command_for, poll_s=0.25, on_change=None, split_groups=True) -> dict:
     """Run the stages through worker processes; returns {stage: result}. A stage past its kill time is stopped
-    (its process group killed) and the next stage gets a new worker; so does the next stage after a worker died."""
+    (its process group killed) and the next stage gets a new worker; so does the next stage after a worker died.
+    With split_groups, each group of stages gets its own worker."""
     results = {}
     pending = list(names)
     while pending:
+        left = deadline - time.time()
+        if left < STAGES[pending[0]].min_s:  # NOTE: no worker is started just to skip a stage
+            name = pending.pop(0)
+            results[name] = {"status": "skipped", "summary": f"out of budget ({max(left, 0):.0f} s left, needs "
+                                                             f"{STAGES[name].min_s:g})"}
+            continue
         group = STAGES[pending[0]].group
         batch = []
         for name in pending:
-            if STAGES[name].group != group:
+            if split_groups and STAGES[name].group != group:
                 break
             batch.append(name)
         command, env = command_for(batch, group)
@@ -151,10 +158,6 @@ def supervise(names, records, deadline, command_for, poll_s=0.25, on_change=None
             results[batch[0]] = {"status": "error", "summary": f"the worker process exited ({rc}) before the stage "
                                                                f"began; see the output above"}
         pending = [n for n in pending if n not in results]
-        if deadline - time.time() < 1:
-            for name in pending:
-                results[name] = {"status": "skipped", "summary": "out of budget"}
-            pending = []
         if on_change:
             on_change(results)
     return results
@@ -295,7 +298,9 @@ def main():
         write_outputs(args, planned, {**results, **partial}, t0)
 
     try:
-        results.update(supervise(names, records, deadline, command_for, on_change=on_change))
+        # NOTE: on the CPU the groups need no environment of their own: one worker saves an import of torch
+        results.update(supervise(names, records, deadline, command_for, on_change=on_change,
+                                 split_groups=args.device != "cpu"))
     except KeyboardInterrupt:
         payload = write_outputs(args, planned, {**results, **read_records(records)}, t0)
         say(f"interrupted; what was done is in {Path(args.out) / 'gpu_check.md'}")
