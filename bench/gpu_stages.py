@@ -307,7 +307,7 @@ for _amp in ("off", "fp16", "bf16"):
              amp=_amp)(train_and_resume)
 
 
-@register("train_compile", "bf16 + channels_last + --compile: 2 epochs; resumed = straight", max_s=120, min_s=45,
+@register("train_compile", "bf16 + channels_last + --compile: 2 epochs; resumed = straight", max_s=100, min_s=45,
           quick_skip="inductor's C++ build takes minutes on 2 cores (tests/test_cuda_twins.py runs it, marked slow)",
           amp="bf16", compile_=True)
 def train_compile(ctx, amp, compile_):
@@ -523,7 +523,7 @@ def precisions(ctx, full_set):
 
 
 @register("speed_archs", "train / inference img/s: multihead vs separate vs joint18, fp32 vs AMP + channels_last",
-          max_s=130, min_s=40, group="speed")
+          max_s=100, min_s=40, group="speed")
 def speed_archs(ctx):
     import types
 
@@ -643,7 +643,7 @@ def timm_step(ctx, cfg, dtype):
 
 
 @register("train_step", "our training step (train_one_epoch) vs a timm benchmark.py-style step, same trunk and size",
-          max_s=110, min_s=30, group="speed")
+          max_s=90, min_s=30, group="speed")
 def train_step(ctx):
     import torch
 
@@ -704,7 +704,7 @@ def train_step(ctx):
 
 
 @register("loader", "DataLoader img/s (decoded-image cache; 4 and 8 workers) vs the model's training img/s",
-          max_s=110, min_s=30, group="speed")
+          max_s=80, min_s=25, group="speed")
 def loader(ctx):
     import torch
 
