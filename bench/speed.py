@@ -47,6 +47,7 @@ class Bench:
         self.device, self.dtype, self.n = device, dtype, n
 
     def step(self, train: bool):
+        """One training step (returns the loss, not synchronized) or one inference pass (returns None)."""
         if train:
             self.model.train()
             with autocast(self.device, self.dtype):
@@ -55,10 +56,11 @@ class Bench:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-        else:
-            self.model.eval()
-            with torch.inference_mode(), autocast(self.device, self.dtype):
-                self.model(self.x)
+            return loss.detach()
+        self.model.eval()
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            self.model(self.x)
+        return None
 
     def images_per_s(self, train: bool, steps: int) -> float:
         if self.device.type == "cuda":
@@ -71,15 +73,22 @@ class Bench:
         return steps * self.n / (time.perf_counter() - t0)
 
 
-def compare(args, device, dtype, channels_last) -> dict:
+def compare(args, device, dtype, channels_last, archs=ARCHS, deadline=None) -> dict:
     """{arch: (train img/s, inference img/s)}: the median of rounds in which every arch runs in turn."""
-    benches = {arch: Bench(arch, args, device, dtype, channels_last) for arch in ARCHS}
+    benches = {arch: Bench(arch, args, device, dtype, channels_last) for arch in archs}
+    return time_benches(benches, args, deadline)
+
+
+def time_benches(benches: dict, args, deadline=None) -> dict:
+    """compare()'s timing of built benches; past `deadline` (time.perf_counter) no further round starts."""
     for bench in benches.values():
         for _ in range(args.warmup):
             bench.step(True)
             bench.step(False)
-    rates = {arch: {True: [], False: []} for arch in ARCHS}
-    for _ in range(args.rounds):
+    rates = {arch: {True: [], False: []} for arch in benches}
+    for k in range(args.rounds):
+        if k and deadline is not None and time.perf_counter() > deadline:
+            break
         for train in (True, False):
             for arch, bench in benches.items():
                 rates[arch][train].append(bench.images_per_s(train, args.steps))

@@ -121,8 +121,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
     flag("--grad-clip", type=float, help="gradient norm clip (0 = off)")
     flag("--accumulate", type=int, help="gradient accumulation steps")
     flag("--amp", help="auto (bf16 on CUDA), bf16, fp16 or off")
+    flag("--channels-last", action="store_const", const=True,
+         help="channels_last memory format on any device (default auto: on CUDA only)")
     flag("--no-channels-last", key="channels_last", action="store_const", const=False,
-         help="plain memory layout on CUDA")
+         help="plain memory layout, also on CUDA")
     flag("--compile", action="store_const", const=True, help="torch.compile the model")
     flag("--ema", type=float, help="EMA decay of the weights (0 = off, e.g. 0.999)")
     flag("--sampler", help="none or balanced (each 18-class combination equally often)")

@@ -78,7 +78,7 @@ class TrainConfig:
     grad_clip: float
     accumulate: int
     amp: str
-    channels_last: bool
+    channels_last: bool | str  # auto: on CUDA only; true asks for it on the CPU too
     compile: bool
     ema: float
     sampler: str
@@ -162,7 +162,10 @@ def read_value(key: str, value, label: str):
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None:
             return None
-        kind = options[0]
+        for option in options[:-1]:  # NOTE: the first type that reads the value wins (bool | str: true, or 'auto')
+            with contextlib.suppress(ConfigError):
+                return _scalar(value, option, label)
+        kind = options[-1]
     if kind is list or typing.get_origin(kind) is list:
         item = (typing.get_args(kind) or (None,))[0]
         items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -317,6 +320,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.img_size = list(size_pair(cfg.img_size, "--img-size"))
     cfg.load_size = list(size_pair(cfg.load_size, "--load-size")) if cfg.load_size else None
     cfg.center_crop = list(size_pair(cfg.center_crop, "--center-crop")) if cfg.center_crop else None
+    if cfg.channels_last not in ("auto", True, False):
+        raise ConfigError(f"channels_last must be auto, true or false, got {cfg.channels_last!r}")
     check_augment(cfg.augment)
     check_augment(cfg.oversample_augment)
     cfg.extra = list(cfg.extra or [])

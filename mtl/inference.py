@@ -41,14 +41,32 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def amp_dtype(amp: str, device: torch.device):
-    """The autocast dtype for --amp on this device (None = full precision). 'auto' is bf16 on CUDA, off on CPU."""
+    """The autocast dtype for --amp on this device (None = full precision). 'auto' is bf16 on CUDA, off on CPU.
+
+    'auto' takes fp16 on GPUs without native bfloat16 (before Ampere: T4, V100), where torch emulates it slowly;
+    an explicit --amp bf16 there is a ConfigError, as cuDNN has no bfloat16 convolutions for them.
+    """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
         return torch.float16
-    if amp == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
+    if device.type == "cuda" and not native_bf16(device):
+        if amp == "auto":
+            return torch.float16
+        raise ConfigError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 (compute "
+                          f"capability below 8.0); use --amp fp16 or auto")
     return torch.bfloat16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device computes in bfloat16 natively (Ampere and later), not by emulation."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def use_channels_last(setting, device: torch.device) -> bool:
+    """channels_last memory for the model and its input: 'auto' on CUDA only; True or False as asked, on any device."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def autocast(device: torch.device, dtype):

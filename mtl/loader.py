@@ -7,7 +7,7 @@ photos at 384x512), the main process maps and frees it, and measured on a cached
 more than reading and flipping the photos. Here each pass over the data instead allocates a ring of
 shared batch buffers once: batch k is written into slot k mod S by a worker and copied out by the
 main process as it arrives: into one of a few buffers it reuses, or on CUDA into pinned memory
-(where torch's pin step would copy anyway).
+(where torch's pin step would copy anyway; asked for where there is no CUDA, pinning is left out).
 S = workers x prefetch + 1 is enough because DataLoader never has more than workers x prefetch batches
 sent and not yet returned, and batch k is copied out before batch k + workers x prefetch + 1 is sent;
 every copy checks that its slot still holds the batch it was written for.
@@ -165,7 +165,8 @@ class BatchLoader:
     def __init__(self, dataset, batch_size, workers, sampler, generator, drop_last, pin_memory):
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.batches = BatchSampler(sampler, batch_size, drop_last)
-        self.generator, self.pin_memory = generator, pin_memory
+        # NOTE: without CUDA there is nothing to pin for (torch.empty(pin_memory=True) raises, DataLoader warns)
+        self.generator, self.pin_memory = generator, bool(pin_memory) and torch.cuda.is_available()
 
     def __len__(self):
         return len(self.batches)
@@ -186,9 +187,10 @@ class BatchLoader:
 
 
 def make_loader(dataset, batch_size, workers=2, shuffle=False, sampler=None, generator=None, drop_last=False,
-                device=None) -> BatchLoader:
-    """Batches of the dataset: in order, shuffled, or drawn by `sampler`; pinned memory on CUDA."""
+                device=None, pin_memory=None) -> BatchLoader:
+    """Batches of the dataset: in order, shuffled, or drawn by `sampler`; pinned by default when device is CUDA."""
     if sampler is None:
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return BatchLoader(dataset, batch_size, workers, sampler, generator, drop_last,
-                       pin_memory=device is not None and device.type == "cuda")
+    if pin_memory is None:
+        pin_memory = device is not None and device.type == "cuda"
+    return BatchLoader(dataset, batch_size, workers, sampler, generator, drop_last, pin_memory)

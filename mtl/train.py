@@ -29,7 +29,7 @@ from mtl.config import TrainConfig, dump
 from mtl.data import read_face_crop_record
 from mtl.dataset import FaceDataset, load_fold
 from mtl.errors import ConfigError, MTLError
-from mtl.inference import amp_dtype, autocast, predict_probs, resolve_device, to_device
+from mtl.inference import amp_dtype, autocast, predict_probs, resolve_device, to_device, use_channels_last
 from mtl.io import WriteError, atomic_copy, atomic_write_text, os_error, prepare_folder, remove_stale_temps
 from mtl.loader import make_loader
 from mtl.losses import build_loss, class_counts
@@ -357,7 +357,7 @@ def build_state(cfg: TrainConfig, resume, out: Path, rank: int, world: int, devi
 
     loss_fn = build_loss(cfg.losses, cfg.arch, class_counts(train_set.targets()), cfg.loss_weights,
                          cfg.loss_weighting, cfg.age_reg_weight).to(device)
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.channels_last, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
