@@ -38,6 +38,11 @@ def decode_image(path, size=None) -> np.ndarray:
         im = ImageOps.exif_transpose(im)
         im = im.convert("RGB")
         pixels = np.asarray(im)
+    return fit_size(pixels, size)
+
+
+def fit_size(pixels: np.ndarray, size=None) -> np.ndarray:
+    """RGB uint8 HxWx3 pixels resized to size=(W, H) (area when shrinking, linear when enlarging), contiguous."""
     if size is not None and (pixels.shape[1], pixels.shape[0]) != tuple(size):
         shrink = pixels.shape[1] > size[0] or pixels.shape[0] > size[1]
         pixels = cv2.resize(pixels, tuple(int(s) for s in size),
