@@ -64,7 +64,7 @@ def competition_photos(n) -> list[np.ndarray]:
     """384x512 photos like the competition's: a face (about 250 px) on a plain background, placed a little apart."""
     rng = np.random.default_rng(0)
     photos = []
-    for k, face in enumerate(faces(n)):
+    for face in faces(n):
         canvas = np.empty((512, 384, 3), np.uint8)
         canvas[:] = rng.integers(60, 200, 3)
         x, y = 60 + int(rng.integers(0, 40)), 90 + int(rng.integers(0, 60))
