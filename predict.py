@@ -5,10 +5,13 @@ optionally weighted, optional hflip TTA) with the preprocessing and age threshol
 checkpoint, and writes `ImageID,ans` in info.csv's order; --save-probs keeps the probabilities so
 an ensemble can be redone with --from-probs. With --validate it predicts one fold's validation
 people instead and writes a report (per-class metrics, confusion matrices, the worst mistakes).
+With --images it predicts any photo files, folders or globs instead (one row of names and
+probabilities per photo; face-crop models crop each photo first with their own settings).
 
     python predict.py --checkpoint runs/NAME/best.pt --data DATA --out submission.csv
     python predict.py --checkpoint 'runs/NAME/fold*/best.pt' --tta hflip --out submission.csv
     python predict.py --checkpoint runs/NAME/best.pt --data DATA --validate --fold 0 --report report/
+    python predict.py --checkpoint runs/NAME/best.pt --images my_photos/ --out predictions.csv   # any photos
 
 The logic lives in mtl/predict.py; a greedy model soup is made with `python -m mtl.soup`.
 """

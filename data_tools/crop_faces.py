@@ -1,13 +1,10 @@
 """Crop every train and eval photo to the face (MTCNN) and write the cropped data set in the same layout.
 
 The winning team of the competition cropped to the face with MTCNN at training and at inference; this
-command does that once for a whole data folder. For each photo it takes the largest face MTCNN finds
-(the person photographed fills the frame; faces in the background are smaller), enlarges its box by
---margin (a fraction of the box's width and height on each side), widens or heightens it to the
-aspect ratio of --size around the same centre, moves it inside the photo where it fits (it is padded
-black only along a side longer than the photo) and resizes it to --size. When no face is found it
-crops the same way around the place a face usually is in a competition photo (a square 45% of the
-shorter side, centred at 50% of the width and 45% of the height) and counts it.
+command does that once for a whole data folder, with `mtl.face_crop` (the same crop predict.py applies to
+raw photos for a model trained on crops): the largest face MTCNN finds, enlarged by --margin, grown to the
+aspect ratio of --size, moved inside the photo and resized to --size; photos with no face found are cropped
+around the place a face usually is in a competition photo, and counted.
 
 OUT gets the input's layout (train/train.csv, train/images/<person>/<photo>, eval/info.csv,
 eval/images/<ImageID>, eval_truth.csv when present), so every other command takes OUT as --data;
@@ -32,7 +29,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -41,19 +37,12 @@ from mtl import data
 from mtl.cli import main_guard
 from mtl.data import FACE_CROP_RECORD
 from mtl.errors import ConfigError, DataError
+from mtl.face_crop import (CHUNK_BATCHES, DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_MIN_FACE,  # noqa: F401
+                           DEFAULT_SIZE, DEFAULT_THREADS, FaceDetector, crop_images, crop_region, crop_settings, cut,
+                           fallback_face)
 from mtl.images import check_images, decode_image
 from mtl.io import atomic_path, atomic_write_text
 
-DEFAULT_MARGIN = 0.3
-DEFAULT_SIZE = (240, 320)     # NOTE: the img_size of configs/default.yaml, so training resizes nothing
-DEFAULT_MIN_FACE = 0.1        # smallest face searched, as a fraction of the photo's shorter side
-DETECT_MAX_SIDE = 640         # photos larger than this are shrunk for detection only (the crop uses all pixels)
-MIN_FACE_PIXELS = 20          # MTCNN's own default minimum face size
-# NOTE: MTCNN runs hundreds of tiny operations per photo; on CPU one thread was 3-4x faster than two on a
-# busy 2-core machine (0.08-0.19 s against 0.31-0.48 s per 384x512 photo), so --threads starts at 1
-DEFAULT_THREADS = 1
-FALLBACK_CENTRE = (0.5, 0.45)  # where a face usually is in a competition photo, fractions of width and height
-FALLBACK_SIDE = 0.45          # its size, a fraction of the shorter side
 BOXES_FILE = "boxes.csv"
 RUN_FILE = "crop_run.json"    # settings, source, progress and counts of the run that made OUT
 BOX_COLUMNS = ("path", "x1", "y1", "x2", "y2", "prob", "fallback")
@@ -62,136 +51,7 @@ SETTINGS_KEYS = data.FACE_CROP_SETTINGS
 JPEG_QUALITY = 95
 
 
-# ---------------------------------------------------------------- geometry
-def crop_region(face, image_size, margin, size) -> tuple[float, float, float, float]:
-    """The crop (x1, y1, x2, y2) for a face box: margin on each side, grown to the W:H of size, moved inside the photo.
-
-    Along an axis where the crop is longer than the photo it stays centred on the face (cut() pads it black).
-    """
-    x1, y1, x2, y2 = face
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    w, h = (x2 - x1) * (1 + 2 * margin), (y2 - y1) * (1 + 2 * margin)
-    aspect = size[0] / size[1]
-    if w / h < aspect:
-        w = h * aspect
-    else:
-        h = w / aspect
-    start = []
-    for centre, length, limit in ((cx, w, image_size[0]), (cy, h, image_size[1])):
-        low = centre - length / 2
-        if length <= limit:
-            low = min(max(low, 0.0), limit - length)
-        start.append(low)
-    return start[0], start[1], start[0] + w, start[1] + h
-
-
-def fallback_face(image_size) -> tuple[float, float, float, float]:
-    """The face box assumed when none is found: FALLBACK_SIDE of the shorter side at FALLBACK_CENTRE."""
-    width, height = image_size
-    side = FALLBACK_SIDE * min(width, height)
-    cx, cy = FALLBACK_CENTRE[0] * width, FALLBACK_CENTRE[1] * height
-    return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
-
-
-def cut(pixels: np.ndarray, region, size) -> np.ndarray:
-    """Cut a region (may leave the photo: padded black) out of HxWx3 pixels, resized to size=(W, H)."""
-    h, w = pixels.shape[:2]
-    x1, y1 = int(np.floor(region[0])), int(np.floor(region[1]))
-    x2, y2 = max(int(np.ceil(region[2])), x1 + 1), max(int(np.ceil(region[3])), y1 + 1)
-    pad = [max(0, -y1), max(0, y2 - h), max(0, -x1), max(0, x2 - w)]
-    inside = pixels[max(0, y1):min(h, y2), max(0, x1):min(w, x2)]
-    if any(pad):
-        inside = cv2.copyMakeBorder(np.ascontiguousarray(inside), *pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    shrink = inside.shape[1] > size[0] or inside.shape[0] > size[1]
-    return cv2.resize(inside, tuple(size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def crop_photo(image: np.ndarray, face, margin, size) -> tuple:
-    """(face box used, prob, fell back?, cropped pixels) for a photo and its detection (None: no face found)."""
-    height, width = image.shape[:2]
-    fallback = face is None
-    box, prob = (fallback_face((width, height)), 0.0) if fallback else face
-    return box, prob, fallback, cut(image, crop_region(box, (width, height), margin, size), size)
-
-
-def pick_face(boxes, probs):
-    """The largest of the faces MTCNN found as ((x1, y1, x2, y2), prob), or None."""
-    if boxes is None or len(boxes) == 0:
-        return None
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    i = int(np.argmax(areas))
-    return tuple(float(v) for v in boxes[i]), float(np.asarray(probs, dtype=np.float64).reshape(-1)[i])
-
-
-# ---------------------------------------------------------------- detector
-class FaceDetector:
-    """MTCNN (facenet-pytorch) on batches of photos: photos of the same size are detected together."""
-
-    def __init__(self, device="auto", min_face=DEFAULT_MIN_FACE, batch_size=32, threads=DEFAULT_THREADS):
-        import torch
-        from facenet_pytorch import MTCNN
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.min_face, self.batch_size, self.threads = float(min_face), int(batch_size), int(threads)
-        self.mtcnn = MTCNN(keep_all=True, device=self.device)
-
-    def detect(self, images) -> list:
-        """For each RGB uint8 HxWx3 image: the largest face ((x1, y1, x2, y2), prob) in its pixels, or None."""
-        import torch
-        if self.device.type != "cpu":
-            return self._detect(images)
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            return self._detect(images)
-        finally:
-            torch.set_num_threads(before)
-
-    def _detect(self, images) -> list:
-        found = [None] * len(images)
-        groups = {}
-        for i, image in enumerate(images):
-            groups.setdefault(image.shape, []).append(i)
-        for shape, members in groups.items():
-            scale = min(1.0, DETECT_MAX_SIDE / max(shape[:2]))
-            # NOTE: MTCNN's image pyramid starts at its minimum face size; faces here fill much of the photo
-            self.mtcnn.min_face_size = max(MIN_FACE_PIXELS, int(self.min_face * min(shape[:2]) * scale))
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                batch = [images[i] for i in chunk]
-                if scale < 1.0:
-                    size = (round(shape[1] * scale), round(shape[0] * scale))
-                    batch = [cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in batch]
-                for i, face in zip(chunk, self._detect_batch(np.stack(batch))):
-                    if face is not None:
-                        box, prob = face
-                        found[i] = tuple(v / scale for v in box), prob
-        return found
-
-    def _detect_batch(self, batch: np.ndarray) -> list:
-        try:
-            boxes, probs = self.mtcnn.detect(batch)
-        except (RuntimeError, ValueError, IndexError):
-            if len(batch) == 1:
-                return [None]  # NOTE: facenet-pytorch fails on a few degenerate photos; they fall back
-            return [face for image in batch for face in self._detect_batch(image[None])]
-        return [pick_face(b, p) for b, p in zip(boxes, probs)]
-
-
 # ---------------------------------------------------------------- the data set
-def crop_settings(margin, size, min_face) -> dict:
-    """The face_crop.json record: the settings alone, so two crops made the same way have equal records."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        facenet_version = version("facenet-pytorch")
-    except PackageNotFoundError:
-        facenet_version = None
-    return {"detector": "mtcnn", "choice": "largest", "margin": float(margin), "size": [int(s) for s in size],
-            "min_face": float(min_face), "detect_max_side": DETECT_MAX_SIDE, "fallback": "center",
-            "fallback_centre": list(FALLBACK_CENTRE), "fallback_side": FALLBACK_SIDE, "pad": "shift inside, then black",
-            "facenet_pytorch": facenet_version}
-
-
 def list_photos(root: Path, skip_bad: bool, log=print) -> list[str]:
     """Every train and eval photo of DATA, as DATA-relative paths; layout problems raise (or are skipped)."""
     has_train, has_eval = (root / "train" / "train.csv").is_file(), (root / "eval" / "info.csv").is_file()
@@ -275,7 +135,7 @@ def check_out(root: Path, out: Path, settings: dict):
                           f"choose a new or empty folder")
 
 
-def crop_dataset(data_root, out, margin=DEFAULT_MARGIN, size=DEFAULT_SIZE, device="auto", batch_size=32,
+def crop_dataset(data_root, out, margin=DEFAULT_MARGIN, size=DEFAULT_SIZE, device="auto", batch_size=DEFAULT_BATCH_SIZE,
                  min_face=DEFAULT_MIN_FACE, skip_bad=False, workers=4, progress=True, detector=None,
                  threads=DEFAULT_THREADS, log=print) -> dict:
     """Crop every photo of DATA into OUT (resuming from OUT/boxes.csv); return the crop_run.json record."""
@@ -303,16 +163,15 @@ def crop_dataset(data_root, out, margin=DEFAULT_MARGIN, size=DEFAULT_SIZE, devic
     with ThreadPoolExecutor(max(1, workers)) as pool, open_boxes(out / BOXES_FILE) as boxes, \
             tqdm(total=len(todo), desc="cropping faces", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         writer = csv.writer(boxes, lineterminator="\n")
-        chunk_size = 4 * batch_size  # NOTE: decode ahead in threads, detect in batches, write, then log the boxes
+        chunk_size = CHUNK_BATCHES * batch_size  # NOTE: decode ahead in threads, detect in batches, write, log
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
             images = list(pool.map(lambda p: decode_image(root / p), chunk))
-            faces = detector.detect(images)
-            crops = [crop_photo(image, face, margin, size) for image, face in zip(images, faces)]
-            list(pool.map(save_photo, [c[3] for c in crops], [out / rel for rel in chunk]))
-            for rel, (box, prob, fallback, _) in zip(chunk, crops):
-                writer.writerow([rel, *(f"{v:.1f}" for v in box), f"{prob:.4f}", int(fallback)])
-                done[rel] = {"box": box, "prob": prob, "fallback": int(fallback)}
+            crops = crop_images(images, detector, settings)
+            list(pool.map(save_photo, [c.pixels for c in crops], [out / rel for rel in chunk]))
+            for rel, crop in zip(chunk, crops):
+                writer.writerow([rel, *(f"{v:.1f}" for v in crop.box), f"{crop.prob:.4f}", int(crop.fallback)])
+                done[rel] = {"box": crop.box, "prob": crop.prob, "fallback": int(crop.fallback)}
             boxes.flush()
             bar.update(len(chunk))
     seconds = time.time() - t0

@@ -45,11 +45,16 @@ def read_photo(path, size=None) -> tuple[np.ndarray, tuple[int, int]]:
             im.draft("RGB", tuple(size))  # NOTE: JPEG decodes at 1/2, 1/4, 1/8 scale when that is still >= size
         im = ImageOps.exif_transpose(im)
         pixels = np.asarray(to_rgb(im))
+    return fit_size(pixels, size), stored
+
+
+def fit_size(pixels: np.ndarray, size=None) -> np.ndarray:
+    """RGB uint8 HxWx3 pixels resized to size=(W, H) (area when shrinking, linear when enlarging), contiguous."""
     if size is not None and (pixels.shape[1], pixels.shape[0]) != tuple(size):
         shrink = pixels.shape[1] > size[0] or pixels.shape[0] > size[1]
         pixels = cv2.resize(pixels, tuple(int(s) for s in size),
                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return np.ascontiguousarray(pixels), stored
+    return np.ascontiguousarray(pixels)
 
 
 def decode_image(path, size=None) -> np.ndarray:

@@ -17,10 +17,21 @@ from mtl.errors import ConfigError
 UNKNOWN = -1
 SCHEMA_VERSION = 1
 
+YOUNG_BELOW = 30
+DEFAULT_AGE_THRESHOLD = 60
+MIN_THRESHOLD, MAX_THRESHOLD = 31, 99
+
+
+def age_group_names(threshold: int = DEFAULT_AGE_THRESHOLD) -> tuple:
+    """The age groups' names at a threshold: ('<30', '30-59', '60+') at 60, ('<30', '30-58', '59+') at 59."""
+    threshold = int(threshold)
+    return (f"<{YOUNG_BELOW}", f"{YOUNG_BELOW}-{threshold - 1}", f"{threshold}+")
+
+
 TASKS = ("mask", "gender", "age")
 TASK_CLASSES = {"mask": ("wear", "incorrect", "not wear"),
                 "gender": ("male", "female"),
-                "age": ("<30", "30-59", "60+")}
+                "age": age_group_names(DEFAULT_AGE_THRESHOLD)}
 NUM_CLASSES = {task: len(names) for task, names in TASK_CLASSES.items()}
 NUM_JOINT = 18
 
@@ -30,11 +41,6 @@ PHOTO_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
 PHOTO_STEMS = tuple(PHOTO_MASK)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 GENDER_CODE = {"male": 0, "female": 1}
-
-YOUNG_BELOW = 30
-DEFAULT_AGE_THRESHOLD = 60
-MIN_THRESHOLD, MAX_THRESHOLD = 31, 99
-
 
 def check_threshold(threshold) -> int:
     """Return the age threshold as an int, or raise ConfigError unless it is a whole number in 31..99."""
@@ -86,6 +92,11 @@ def class_name(joint: int) -> str:
     """Human-readable name of an 18-class label, e.g. 'wear/female/<30'."""
     m, g, a = decode(joint)
     return f"{TASK_CLASSES['mask'][m]}/{TASK_CLASSES['gender'][g]}/{TASK_CLASSES['age'][a]}"
+
+
+def task_class_names(threshold: int = DEFAULT_AGE_THRESHOLD) -> dict:
+    """Every task's class names, the age groups named at this threshold."""
+    return {**TASK_CLASSES, "age": age_group_names(threshold)}
 
 
 def schema(threshold: int = DEFAULT_AGE_THRESHOLD) -> dict:

@@ -39,7 +39,7 @@ def recombine(probs: dict):
     m, g, a = probs["mask"], probs["gender"], probs["age"]
     if isinstance(m, np.ndarray):
         return np.einsum("bi,bj,bk->bijk", m, g, a).reshape(len(m), labels.NUM_JOINT)
-    return torch.einsum("bi,bj,bk->bijk", m, g, a).reshape(len(m), labels.NUM_JOINT)
+    return torch.einsum("bi,bj,bk->bijk", m, g, a).reshape(m.shape[0], labels.NUM_JOINT)  # NOTE: traceable
 
 
 def predict_classes(probs: dict) -> np.ndarray:

@@ -58,7 +58,7 @@ class MLDecoderHead(nn.Module):
     def forward(self, feature_map, pooled):
         tokens = feature_map.flatten(2).transpose(1, 2) if feature_map.ndim == 4 else feature_map  # CNN or ViT
         memory = torch.relu(self.proj(tokens))
-        q = self.queries.unsqueeze(0).expand(len(tokens), -1, -1)
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         q = self.norm1(q + self.drop(self.attn(q, memory, memory, need_weights=False)[0]))
         q = self.norm2(q + self.drop(self.ff(q)))
         return (q * self.group_weight).sum(-1) + self.group_bias

@@ -17,6 +17,11 @@ A run reads top to bottom in `run`:
    the most confident mistakes, the people most often wrong); an output that cannot be written
    (a full disk) is named in one line after the others are written.
 
+With --images the photos are files, folders or globs instead of DATA/eval, and the answers are rows of
+names and probabilities: `mtl.predictor` (the Python API) does that run with the same steps. A checkpoint
+trained on face crops given DATA of uncropped photos gets them cropped with its own settings
+(`mtl.face_crop`) instead of refusing them (--refuse-uncropped keeps the refusal).
+
 Probability files (--save-probs) hold one row per photo and ensemble member: ImageID, checkpoint,
 age_threshold, mask_0..2, gender_0..1, age_0..2 (+ joint_0..17, age_reg when the model has them);
 `--from-probs` redoes any ensemble from them without a forward pass.
@@ -57,6 +62,7 @@ The preprocessing and the age threshold come from each checkpoint, so inference 
   python predict.py --checkpoint 'runs/NAME/fold*/best.pt' --ensemble soft --tta hflip --save-probs probs.csv
   python predict.py --from-probs probs.csv other.csv --ensemble hard --weights 1 1 2 --out submission.csv
   python predict.py --checkpoint runs/NAME/best.pt --data DATA --validate --fold 0 --report report/
+  python predict.py --checkpoint runs/NAME/best.pt --images my_photos/ 'more/*.jpg' --out predictions.csv
 """
 
 
@@ -99,15 +105,21 @@ def check_weights(weights, n: int, what="checkpoint") -> np.ndarray:
     return weights
 
 
-def check_face_crop(members, data_root, log=print):
-    """Stop if a checkpoint was trained on face crops DATA does not hold; warn for crops it was not trained on."""
+def check_face_crop(members, data_root, log=print, crop_raw=False) -> list[bool]:
+    """Stop if a checkpoint was trained on face crops DATA does not hold; warn for crops it was not trained on.
+
+    With crop_raw, uncropped DATA is fine for such a checkpoint: the returned flags say which members need
+    their photos cropped at prediction time (mtl.predictor, with the checkpoint's own crop settings).
+    """
     try:
         record = read_face_crop_record(data_root)
     except ValueError as exc:
         raise DataError(f"{Path(data_root) / FACE_CROP_RECORD}: not valid JSON ({exc})") from None
+    needs_crop = []
     for member in members:
         wanted = member["preprocess"].get("face_crop")
-        if wanted is not None and not same_face_crop(wanted, record):
+        needs_crop.append(crop_raw and wanted is not None and record is None)
+        if wanted is not None and not same_face_crop(wanted, record) and not needs_crop[-1]:
             found = "holds uncropped photos" if record is None else f"was cropped with other settings ({record})"
             raise ConfigError(f"{member['path']} was trained on face crops made with {json.dumps(wanted)} but "
                               f"{data_root} {found}; run `python -m data_tools.crop_faces {data_root} OUT` with "
@@ -115,6 +127,7 @@ def check_face_crop(members, data_root, log=print):
         if wanted is None and record is not None:
             log(f"warning: {member['path']} was trained on uncropped photos but {data_root} holds face crops "
                 f"({json.dumps(record)}); its predictions may be poor - pass the uncropped data as --data")
+    return needs_crop
 
 
 def check_output(path, flag="--out") -> Path:
@@ -472,7 +485,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH",
                        help="checkpoint(s) or glob(s), e.g. 'runs/NAME/fold*/best.pt'; several make an ensemble")
     group.add_argument("--data", default="data", help="data folder with eval/info.csv and eval/images (default: data)")
-    group.add_argument("--out", default="submission.csv", help="submission CSV to write (default: submission.csv)")
+    group.add_argument("--images", nargs="+", metavar="PATH",
+                       help="predict these photos instead: files, folders (recursively) or globs, no info.csv; --out "
+                            "gets one row per photo: path, mask, gender, age, class, probabilities (mtl.predictor)")
+    group.add_argument("--out", default="submission.csv",
+                       help="submission CSV to write, or with --images the predictions CSV (default: submission.csv)")
+    group.add_argument("--refuse-uncropped", action="store_true",
+                       help="stop when a checkpoint trained on face crops meets uncropped --data photos, instead "
+                            "of cropping them with the checkpoint's crop settings")
     group.add_argument("--save-probs", metavar="CSV", help="also write every member's per-task probabilities here")
     group.add_argument("--from-probs", nargs="+", metavar="CSV",
                        help="redo an ensemble from --save-probs files instead of running checkpoints")
@@ -493,8 +513,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, help="fold seed (default: the first checkpoint's)")
     group.add_argument("--relabel", help="relabel CSV for the truth (default: the first checkpoint's; 'none' for none)")
     group.add_argument("--skip-bad", action="store_const", const=True,
-                       help="leave out bad training photos (default: as the first checkpoint was trained); eval "
-                            "photos are never skipped, every one needs an answer")
+                       help="leave out bad training photos (default: as the first checkpoint was trained), or with "
+                            "--images unreadable photos (listed); eval photos are never skipped, every one needs an "
+                            "answer")
     group.add_argument("--report", metavar="DIR", default="report", help="report folder (default: report)")
     group.add_argument("--mistakes", type=int, default=48, metavar="N", help="photos on the mistakes page")
 
@@ -510,8 +531,10 @@ def check_args(args):
     if args.from_probs and args.validate:
         raise ConfigError("--validate runs checkpoints; it cannot start from --from-probs files")
     args.tta = check_tta(args.tta)
-    if args.skip_bad and not args.validate:
-        raise ConfigError("--skip-bad only applies to --validate: every eval photo needs an answer")
+    if args.images and (args.from_probs or args.validate):
+        raise ConfigError("--images predicts photos with --checkpoint; it cannot go with --from-probs or --validate")
+    if args.skip_bad and not (args.validate or args.images):
+        raise ConfigError("--skip-bad only applies to --validate and --images: every eval photo needs an answer")
     if args.batch_size < 1 or args.workers < 0 or args.mistakes < 0:
         raise ConfigError("--batch-size must be at least 1, --workers and --mistakes at least 0")
 
@@ -521,6 +544,9 @@ def run(args, log=print) -> dict:
     check_args(args)
     if args.from_probs:
         return run_from_probs(args, log)
+    if args.images:
+        from mtl.predictor import run_images
+        return run_images(args, log)
     members = load_members(args.checkpoint)
     weights = check_weights(args.weights, len(members))
     age_threshold = ckpt_io.threshold(members[0])
@@ -533,7 +559,7 @@ def run(args, log=print) -> dict:
         check_output(args.out)
     if args.save_probs:
         check_output(args.save_probs, "--save-probs")
-    check_face_crop(members, args.data, log)
+    needs_crop = check_face_crop(members, args.data, log, crop_raw=not (args.refuse_uncropped or args.validate))
     if args.validate:
         samples, sources, split = validation_fold(members, args.data, args.fold, args.folds, args.seed, args.relabel,
                                                   args.cache_dir, args.cache, args.workers, args.progress,
@@ -543,14 +569,24 @@ def run(args, log=print) -> dict:
         info, samples = eval_samples(args.data)
         if len(samples) == 0:
             raise DataError(f"{Path(args.data) / 'eval' / 'info.csv'} lists no photos")
-        sources = open_sources(samples["image_path"], [load_size_of(m) for m in members], args.cache_dir, args.cache,
-                               args.workers, args.progress, log)
+        if any(needs_crop):  # raw photos for a model trained on face crops: crop them with its settings
+            from mtl.predictor import Predictor
+            predictor = Predictor(members, args.device, args.batch_size, args.tta, args.ensemble, weights, args.amp,
+                                  args.workers, args.cache_dir, args.cache, progress=args.progress, log=log)
+            log(f"{sum(needs_crop)} checkpoint(s) trained on face crops: cropping {args.data}'s uncropped photos "
+                f"with their settings")
+        else:
+            sources = open_sources(samples["image_path"], [load_size_of(m) for m in members], args.cache_dir,
+                                   args.cache, args.workers, args.progress, log)
         image_ids = info["ImageID"].tolist()
     log(f"{len(members)} checkpoint(s), {len(samples)} photos, ensemble {args.ensemble if len(members) > 1 else '-'}"
         f", TTA {', '.join(args.tta) or 'none'}, age threshold {age_threshold}")
 
-    member_probs = predict_members(members, samples, sources, args.batch_size, args.workers, args.device, args.amp,
-                                   args.tta, args.progress)
+    if any(needs_crop):
+        member_probs = predictor.member_probs(samples["image_path"].tolist())[0]
+    else:
+        member_probs = predict_members(members, samples, sources, args.batch_size, args.workers, args.device,
+                                       args.amp, args.tta, args.progress)
     result = combine(member_probs, weights, args.ensemble)
     out = {"members": members, "member_probs": member_probs, "result": result, "image_ids": image_ids}
     writes = []  # NOTE: the submission first; each output is written even when another one fails

@@ -301,7 +301,8 @@ def test_face_crop_settings_must_agree(ckpts, synthetic_data, tmp_path, no_forwa
     torch.save(cropped, tmp_path / "cropped.pt")
     data = eval_subset(synthetic_data, tmp_path / "data")
     with pytest.raises(ConfigError, match="crop_faces") as error:
-        run_predict("--checkpoint", tmp_path / "cropped.pt", "--data", data, "--out", tmp_path / "sub.csv")
+        run_predict("--checkpoint", tmp_path / "cropped.pt", "--data", data, "--out", tmp_path / "sub.csv",
+                    "--refuse-uncropped")
     assert "uncropped" in str(error.value)
     (data / "face_crop.json").write_text(json.dumps({"margin": 0.5, "size": [96, 128]}))
     with pytest.raises(ConfigError, match="other settings"):
