@@ -194,7 +194,7 @@ def _flatten(obj, prefix="") -> dict:
 def epoch_losses(run_dir) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
-    return [e.value for e in events.Scalars("epoch/loss")] if "epoch/loss" in events.Tags()["scalars"] else []
+    return [e.value for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
 
 
 def train_and_resume(ctx, amp, compile_=False, model=None):
