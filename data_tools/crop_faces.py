@@ -236,14 +236,8 @@ def check_args(args):
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if args.device != "auto":
-        import torch
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: no CUDA GPU here; use --device cpu (or auto)")
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+    from mtl.inference import resolve_device
+    resolve_device(args.device)
 
 
 def main(argv=None) -> int:

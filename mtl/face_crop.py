@@ -116,7 +116,8 @@ class FaceDetector:
                  threads=DEFAULT_THREADS):
         import torch
         from facenet_pytorch import MTCNN
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        from mtl.inference import resolve_device
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.min_face, self.batch_size, self.threads = float(min_face), int(batch_size), int(threads)
         self.mtcnn = MTCNN(keep_all=True, device=self.device)
 

@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from mtl.errors import MTLError
+from mtl.errors import ConfigError, MTLError
 
 # NOTE: mkstemp names are prefix + 8 characters from [a-z0-9_] + suffix
 STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
@@ -22,6 +22,10 @@ STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 class WriteError(MTLError, OSError):
     """An output could not be written; the message names the file and why (also an OSError for callers)."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"cannot write {path} ({reason}); it is unchanged")
+        self.path, self.reason = path, reason
 
 
 def check_parent(path) -> Path:
@@ -70,7 +74,7 @@ def atomic_path(path):
         finally:
             os.close(fd)
     except OSError as exc:
-        raise WriteError(f"cannot write {path} ({_why(exc)}); it is unchanged") from None
+        raise WriteError(path, _why(exc)) from None
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -79,7 +83,7 @@ def atomic_path(path):
             os.unlink(tmp)
         cause = None if isinstance(exc, MTLError) else os_error(exc)
         if cause is not None:
-            raise WriteError(f"cannot write {path} ({_why(cause)}); it is unchanged") from None
+            raise WriteError(path, _why(cause)) from None
         raise
 
 
@@ -114,27 +118,31 @@ def atomic_copy(source, path) -> Path:
     return Path(path)
 
 
-def prepare_folder(folder, flag="--out") -> bool:
-    """Create an output folder (and its parents) and prove a file can be written there; True if it was created.
+def check_writable(folder, flag="--out"):
+    """Prove a file can be written in folder (one 4 KiB block, removed again), or raise a one-line ConfigError naming
+    the flag: a read-only or already full disk, or a folder the user may not write, is found before any work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        try:
+            os.write(fd, b"\0" * 4096)  # NOTE: one block: a disk that is already full fails here, not after compute
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({_why(exc)})") from None
 
-    Raises a one-line WriteError naming the flag when the folder cannot be made or written (read-only, full,
-    no permission, a file in the way), so a run finds out before any work.
-    """
+
+def prepare_folder(folder, flag="--out") -> bool:
+    """Create an output folder (and its parents) and prove a file can be written there; True if it was created."""
     folder = Path(folder)
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
-        try:
-            os.write(fd, b"\0" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
     except FileExistsError:
-        raise WriteError(f"{flag} {folder} is a file, not a folder") from None
+        raise ConfigError(f"{flag} {folder} is a file, not a folder") from None
     except OSError as exc:
-        raise WriteError(f"{flag} {folder}: cannot write there ({_why(exc)})") from None
+        raise ConfigError(f"{flag} {folder}: cannot write there ({_why(exc)})") from None
+    check_writable(folder, flag)
     return created
 
 

@@ -33,7 +33,6 @@ import dataclasses
 import glob
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from mtl.cli import add_inference_arguments
 from mtl.data import (FACE_CROP_RECORD, eval_samples, format_problems, read_csv_checked, read_face_crop_record,
                       same_face_crop)
 from mtl.errors import ConfigError, DataError, MTLError
-from mtl.io import atomic_write_csv, atomic_write_text, check_parent
+from mtl.io import WriteError, atomic_write_csv, atomic_write_text, check_parent, check_writable
 from mtl.metrics import confusion, per_class_report, predict_classes, recombine, score
 
 METHODS = ("soft", "hard")
@@ -142,26 +141,14 @@ def check_output(path, flag="--out") -> Path:
     return path
 
 
-def check_writable(folder, flag):
-    """Raise a one-line error unless a small file can be written in folder (a read-only or full disk, a folder the
-    user may not write); the file is removed again."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
-        try:
-            os.write(fd, bytes(4096))  # NOTE: one block: a disk that is already full fails here, not after compute
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot write in {folder} ({exc.strerror or exc})") from None
-
-
 def write_outputs(writes, log=print):
     """Run each (path, write, message) in turn; one that fails (a full disk) is named after the others are written."""
     failed = []
     for path, write, message in writes:
         try:
             write()
+        except WriteError as exc:  # NOTE: mtl.io's atomic writes name the file and the reason themselves
+            failed.append(f"{exc.path} ({exc.reason})")
         except OSError as exc:
             failed.append(f"{path} ({exc.strerror or exc})")
         else:

@@ -395,15 +395,15 @@ def tmpfs(path, size="8k", read_only=False):
 def test_unwritable_outputs_are_refused_before_any_compute(ckpts, synthetic_data, tmp_path, no_forward):
     args = ["--checkpoint", ckpts[0], "--data", synthetic_data]
     with tmpfs(tmp_path / "ro", read_only=True) as ro:
-        with pytest.raises(ConfigError, match=rf"--out: cannot write in {ro} \(Read-only file system\)"):
+        with pytest.raises(ConfigError, match=rf"--out {ro}: cannot write there \(Read-only file system\)"):
             run_predict(*args, "--out", ro / "sub.csv")
-        with pytest.raises(ConfigError, match=rf"--save-probs: cannot write in {ro} \(Read-only file system\)"):
+        with pytest.raises(ConfigError, match=rf"--save-probs {ro}: cannot write there \(Read-only file system\)"):
             run_predict(*args, "--out", tmp_path / "sub.csv", "--save-probs", ro / "probs.csv")
-        with pytest.raises(ConfigError, match=rf"--report: cannot write in {ro}"):
+        with pytest.raises(ConfigError, match=rf"--report {ro}: cannot write there"):
             run_predict(*args, "--validate", "--report", ro / "report")
     with tmpfs(tmp_path / "full", size="4k") as full:
         (full / "filler").write_bytes(bytes(4096))  # the disk is full before the run starts
-        with pytest.raises(ConfigError, match=rf"--out: cannot write in {full} \(No space left on device\)"):
+        with pytest.raises(ConfigError, match=rf"--out {full}: cannot write there \(No space left on device\)"):
             run_predict(*args, "--out", full / "sub.csv")
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ConfigError, match="is not a regular file"):
