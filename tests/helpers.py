@@ -1,4 +1,7 @@
 """Helpers the test modules share (fixtures live in conftest.py)."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: README.md, the root scripts, configs/
 
 
 def run_command(module, *args, cache_dir=None) -> dict:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_command
 
 import train_multitask
 import tune
@@ -15,8 +14,8 @@ from mtl.cli import add_train_arguments, main_guard
 from mtl.errors import ConfigError, MTLError
 from mtl.io import atomic_torch_save, atomic_write_text, remove_stale_temps
 from mtl.model import model_from_config
+from tests.helpers import ROOT, run_command
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 

@@ -10,15 +10,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import gpu_check  # NOTE: bench/ is on the tests' path (pytest.ini pythonpath), as it is for the bench scripts
+import gpu_stages
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import gpu_check  # noqa: E402
-import gpu_stages  # noqa: E402
+from tests.helpers import ROOT
 
 SKIPPED_ON_CPU = {"train_fp16", "train_compile"}
 

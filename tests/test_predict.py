@@ -21,9 +21,7 @@ from mtl.cli import main_guard
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.inference import predict_probs
 from mtl.metrics import predict_classes, recombine
-from tests.helpers import run_command
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_command
 
 
 def run_predict(*args, cache_dir=None) -> dict:
@@ -173,11 +171,6 @@ def test_hflip_tta_is_the_mean_of_the_photo_and_its_mirror(ckpts):
     tta = predict_probs(model, loader(images), torch.device("cpu"), tta=("hflip",))
     for key in plain:
         assert np.allclose(tta[key], (plain[key] + mirrored[key]) / 2, atol=1e-5), key
-    symmetric = torch.cat([images[..., :20], torch.flip(images[..., :20], dims=[3])], dim=3)
-    assert torch.equal(symmetric, torch.flip(symmetric, dims=[3]))
-    plain, tta = (predict_probs(model, loader(symmetric), torch.device("cpu"), tta=t) for t in ((), ("hflip",)))
-    for key in plain:
-        assert np.allclose(tta[key], plain[key], atol=1e-6), key
 
 
 def test_tta_changes_nothing_for_symmetric_photos(ckpts, synthetic_data, cache_dir, tmp_path):
@@ -324,7 +317,7 @@ def test_errors_exit_2_with_one_message(ckpts, synthetic_data, tmp_path, capsys,
 
 def test_command_line(ckpts, synthetic_data, cache_dir, tmp_path):
     data = eval_subset(synthetic_data, tmp_path / "data", n=5)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(ckpts[0]), "--data", str(data), "--out",
                            str(tmp_path / "sub.csv"), "--tta", "hflip", "--cache-dir", str(cache_dir), "--workers",
                            "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

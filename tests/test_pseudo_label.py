@@ -13,9 +13,7 @@ from data_tools import pseudo_label
 from mtl import checkpoint, data, labels, predict
 from mtl.cli import main_guard
 from mtl.dataset import FaceDataset, load_fold
-from tests.helpers import run_command
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_command
 
 
 def run_pl(*args, cache_dir=None) -> dict:

@@ -23,17 +23,17 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY
 
 import mtl.train
+from conftest import TINY
 from mtl import config
 from mtl.cli import main_guard
 from mtl.train import TrainingError
 from mtl.tune import TuneSettings, check_settings
 from mtl.tune import space as search_space
 from mtl.tune import study as tune_study
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"loss_weights": {"type": "loss_weights", "low": 0.2, "high": 5.0},
          "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
 

@@ -7,15 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import TINY
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.faults
 
 
@@ -35,7 +35,7 @@ def command(tmp_path_factory, cache_dir):
 
 
 def start(argv, log):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "tune.py", *argv], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 

@@ -27,9 +27,10 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import TINY
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.faults
 
 
@@ -125,7 +126,7 @@ def argv(files, storage, out):
 
 def start(files, storage, out, log):
     """One machine's `tune.py` (a real process), its output into `log`."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "tune.py", *argv(files, storage, out)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
