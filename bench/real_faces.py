@@ -81,7 +81,7 @@ def facemask_samples(half: str):
 def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[dict, int]:
     """(per-task probabilities, age threshold) of a checkpoint on a sample table, through predict.py's code path."""
     from mtl import checkpoint
-    from mtl.predict import load_size_of, open_sources, predict_members
+    from mtl.members import load_size_of, open_sources, predict_members
     member = checkpoint.load(checkpoint_path)
     sources = open_sources(list(samples["image_path"]), [load_size_of(member)], cache_dir=cache_dir,
                            workers=workers, progress=False)

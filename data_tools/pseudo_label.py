@@ -122,10 +122,11 @@ def check_args(args):
 
 def run(args, log=print) -> dict:
     """Check every input, predict the eval photos (soft ensemble), keep the confident tasks, write OUT atomically."""
-    # NOTE: mtl.predict imports timm (seconds); imported here so --help and argument errors stay quick
+    # NOTE: mtl.members imports timm (seconds); imported here so --help and argument errors stay quick
     from mtl import checkpoint as ckpt_io
-    from mtl.predict import (check_face_crop, check_output, check_weights, combine, load_members, load_size_of,
-                             open_sources, predict_members, write_outputs)
+    from mtl.ensemble import check_weights, combine
+    from mtl.members import check_face_crop, load_members, load_size_of, open_sources, predict_members
+    from mtl.outputs import check_output, write_outputs
     bars = check_args(args)
     out = check_output(args.out)
     if out.exists() and not args.overwrite:

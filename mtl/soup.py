@@ -20,8 +20,9 @@ import torch
 from mtl import checkpoint as ckpt_io
 from mtl.cli import add_inference_arguments
 from mtl.errors import ConfigError
-from mtl.predict import (check_face_crop, check_output, load_members, load_size_of, truth_of, validation_fold,
-                         write_outputs)
+from mtl.members import check_face_crop, load_members, load_size_of
+from mtl.outputs import check_output, write_outputs
+from mtl.reports import truth_of, validation_fold
 
 SAME_KEYS = ("arch", "model", "head")
 

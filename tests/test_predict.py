@@ -18,8 +18,10 @@ from sklearn.metrics import f1_score
 
 from mtl import checkpoint, labels, predict
 from mtl.cli import main_guard
+from mtl.ensemble import combine
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.inference import predict_probs
+from mtl.members import check_face_crop
 from mtl.metrics import predict_classes, recombine
 from tests.helpers import ROOT, run_command
 
@@ -57,7 +59,7 @@ def no_forward(monkeypatch):
     """Make any model forward fail the test: bad input must be refused before compute."""
     def refuse(*_, **__):
         raise AssertionError("a model ran on bad input")
-    monkeypatch.setattr(predict, "predict_members", refuse)
+    monkeypatch.setattr("mtl.members.predict_members", refuse)
 
 
 def eval_subset(synthetic_data, dest, n=6, info=True) -> Path:
@@ -129,7 +131,7 @@ def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, ckpts, synthetic_data
     # two equal votes: a tie between the two answers, won by the one the soft ensemble finds likelier
     assert np.array_equal(hard, np.where(soft[rows, a] >= soft[rows, b], a, b))
     assert (a != b).any(), "best.pt and last.pt should disagree somewhere for this test to mean anything"
-    voted = predict.combine(ensemble["member_probs"], method="hard")
+    voted = combine(ensemble["member_probs"], method="hard")
     assert np.array_equal(voted.pred, hard)
     run_predict("--checkpoint", *ckpts, "--data", synthetic_data, "--ensemble", "hard", "--out",
                 tmp_path / "direct.csv", cache_dir=cache_dir)
@@ -301,7 +303,7 @@ def test_face_crop_settings_must_agree(ckpts, synthetic_data, tmp_path, no_forwa
     with pytest.raises(ConfigError, match="other settings"):
         run_predict("--checkpoint", tmp_path / "cropped.pt", "--data", data, "--out", tmp_path / "sub.csv")
     warnings = []
-    predict.check_face_crop([checkpoint.load(ckpts[0])], data, log=warnings.append)
+    check_face_crop([checkpoint.load(ckpts[0])], data, log=warnings.append)
     assert len(warnings) == 1 and "uncropped" in warnings[0]
     assert not (tmp_path / "sub.csv").exists()
 

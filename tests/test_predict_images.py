@@ -35,7 +35,7 @@ def no_forward(monkeypatch):
     """Make any model forward fail the test: bad input must be refused before compute."""
     def refuse(*_, **__):
         raise AssertionError("a model ran on bad input")
-    monkeypatch.setattr(predict, "predict_members", refuse)
+    monkeypatch.setattr("mtl.members.predict_members", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import torch
 
 from mtl import checkpoint, predict, soup
 from mtl.errors import ConfigError
+from mtl.members import predict_members
 from mtl.metrics import score
+from mtl.reports import truth_of, validation_fold
 
 
 def quiet(*args):
@@ -34,10 +36,10 @@ def made(ingredients, synthetic_data, cache_dir, tmp_path_factory):
 
 def test_soup_never_scores_below_its_best_ingredient(made, ingredients, synthetic_data, cache_dir):
     members = [checkpoint.load(p) for p in [made["out"], *ingredients]]
-    samples, sources, _ = predict.validation_fold(members, synthetic_data, fold=0, cache_dir=cache_dir,
+    samples, sources, _ = validation_fold(members, synthetic_data, fold=0, cache_dir=cache_dir,
                                                   workers=0, progress=False, log=lambda *_: None)
-    probs = predict.predict_members(members, samples, sources, workers=0, progress=False)
-    truth = {k: v for k, v in predict.truth_of(samples, 60).items() if k in ("mask", "gender", "age")}
+    probs = predict_members(members, samples, sources, workers=0, progress=False)
+    truth = {k: v for k, v in truth_of(samples, 60).items() if k in ("mask", "gender", "age")}
     f1 = [score(p, truth, 60)["f1"] for p in probs]
     assert f1[0] >= max(f1[1:]) - 1e-9, f1
     assert f1[0] == pytest.approx(made["metrics"]["f1"], abs=1e-9)
