@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mtl import data, labels
-from mtl.cli import add_inference_arguments, main_guard
+from mtl.cli import add_ensemble_flags, add_inference_arguments, add_tta_flags, main_guard
 from mtl.errors import ConfigError, DataError
 
 DEFAULT_MIN_CONFIDENCE = 0.9
@@ -185,10 +185,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "in the predicted group is written instead. Either way the age only stands for the group")
 
     group = parser.add_argument_group("ensemble and TTA")
-    group.add_argument("--weights", type=float, nargs="+", metavar="W",
-                       help="one weight per checkpoint in the soft ensemble (default: equal)")
-    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
-                       help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
+    add_ensemble_flags(group, weights_help="one weight per checkpoint in the soft ensemble (default: equal)")
+    add_tta_flags(group)
 
     add_inference_arguments(parser.add_argument_group("running"))
     return parser

@@ -31,6 +31,35 @@ def add_inference_arguments(group):
     group.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def add_fold_flags(group, member="checkpoint", skip_bad_help=None):
+    """--fold, --folds, --seed, --relabel, --skip-bad: which validation people to score (predict.py, mtl.soup).
+
+    Each defaults to the first checkpoint's training config (`reports.validation_fold`), so the fold is the one
+    that checkpoint was validated on.
+    """
+    group.add_argument("--fold", type=int, help=f"validation fold (default: the first {member}'s)")
+    group.add_argument("--folds", type=int, help=f"number of folds (default: the first {member}'s)")
+    group.add_argument("--seed", type=int, help=f"fold seed (default: the first {member}'s)")
+    group.add_argument("--relabel", help=f"relabel CSV for the truth (default: the first {member}'s; 'none' for none)")
+    group.add_argument("--skip-bad", action="store_const", const=True,
+                       help=skip_bad_help or f"leave out bad photos (default: as the first {member} was trained)")
+
+
+def add_ensemble_flags(group, methods=None, weights_help="one weight per ensemble member"):
+    """--ensemble (when methods are given) and --weights (predict.py, data_tools.pseudo_label)."""
+    if methods:
+        group.add_argument("--ensemble", default=methods[0], choices=methods,
+                           help="soft: mean of each head's probabilities, then recombine (default); hard: vote on the "
+                                "18-class answers, ties to the soft result")
+    group.add_argument("--weights", type=float, nargs="+", metavar="W", help=weights_help)
+
+
+def add_tta_flags(group):
+    """--tta (predict.py, mtl.soup, data_tools.pseudo_label; read with `inference.check_tta`)."""
+    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
+                       help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
+
+
 NONE_MEANS = {"out": "a fresh runs/<time>_<model>_<arch>", "cache_dir": "$MTL_CACHE_DIR or ~/.cache/mtl",
               "load_size": "the --img-size", "resume": "a new run"}
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 
 from mtl import checkpoint as ckpt_io
-from mtl.cli import add_inference_arguments
+from mtl.cli import add_ensemble_flags, add_fold_flags, add_inference_arguments, add_tta_flags
 from mtl.data import eval_samples
 from mtl.ensemble import METHODS, check_weights, combine
 from mtl.errors import ConfigError, DataError
@@ -79,24 +79,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="redo an ensemble from --save-probs files instead of running checkpoints")
 
     group = parser.add_argument_group("ensemble and TTA")
-    group.add_argument("--ensemble", default="soft", choices=METHODS,
-                       help="soft: mean of each head's probabilities, then recombine (default); hard: vote on the "
-                            "18-class answers, ties to the soft result")
-    group.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per ensemble member")
-    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
-                       help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
+    add_ensemble_flags(group, METHODS)
+    add_tta_flags(group)
 
     group = parser.add_argument_group("validation report")
     group.add_argument("--validate", action="store_true",
                        help="predict one fold's validation people instead of eval/ and write a report")
-    group.add_argument("--fold", type=int, help="validation fold (default: the first checkpoint's)")
-    group.add_argument("--folds", type=int, help="number of folds (default: the first checkpoint's)")
-    group.add_argument("--seed", type=int, help="fold seed (default: the first checkpoint's)")
-    group.add_argument("--relabel", help="relabel CSV for the truth (default: the first checkpoint's; 'none' for none)")
-    group.add_argument("--skip-bad", action="store_const", const=True,
-                       help="leave out bad training photos (default: as the first checkpoint was trained), or with "
-                            "--images unreadable photos (listed); eval photos are never skipped, every one needs an "
-                            "answer")
+    add_fold_flags(group, skip_bad_help="leave out bad training photos (default: as the first checkpoint was "
+                                        "trained), or with --images unreadable photos (listed); eval photos are "
+                                        "never skipped, every one needs an answer")
     group.add_argument("--report", metavar="DIR", default="report", help="report folder (default: report)")
     group.add_argument("--mistakes", type=int, default=48, metavar="N", help="photos on the mistakes page")
 

@@ -109,3 +109,16 @@ def test_a_glob_matching_nothing_is_named(synthetic_data, tmp_path):
     with pytest.raises(ConfigError, match="matches no file"):
         soup.make_soup(args, log=lambda *_: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fold_and_tta_flags_read_as_predict_and_pseudo_label_read_them():
+    from data_tools import pseudo_label
+    common = ["--checkpoint", "a.pt", "--tta", "hflip", "--fold", "2", "--folds", "4", "--seed", "7", "--relabel",
+              "none", "--skip-bad"]
+    keys = ("tta", "fold", "folds", "seed", "relabel", "skip_bad")
+    read = [vars(p.get_args_parser().parse_args(common)) for p in (predict, soup)]
+    assert [{k: r[k] for k in keys} for r in read] == [dict(zip(keys, (["hflip"], 2, 4, 7, "none", True)))] * 2
+    ours = vars(pseudo_label.get_args_parser().parse_args(["--checkpoint", "a.pt", "--out", "x.csv", "--tta", "hflip",
+                                                            "--weights", "1", "2"]))
+    assert (ours["tta"], ours["weights"]) == (["hflip"], [1.0, 2.0])
+    assert vars(predict.get_args_parser().parse_args(["--checkpoint", "a.pt"]))["tta"] == ["none"]
