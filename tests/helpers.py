@@ -2,6 +2,7 @@
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: README.md, the root scripts, configs/
+SHARED = ROOT.parent / "shared"  # NOTE: beside the checkout: a real weights file and UTKFace photos, where present
 
 
 def run_command(module, *args, cache_dir=None) -> dict:

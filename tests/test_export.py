@@ -18,6 +18,7 @@ from PIL import Image
 from mtl import export, labels, model
 from mtl.cli import main_guard
 from mtl.predictor import Predictor
+from tests.helpers import ROOT
 from tests.tiny_checkpoints import untrained_checkpoint
 
 # every architecture and every head: linear, ML-decoder, ArcFace's cosine head (from an arcface loss)
@@ -114,7 +115,7 @@ def test_the_readme_deployment_example_runs(exported, synthetic_data, tmp_path):
     shutil.copy(path, tmp_path / "model.onnx")
     shutil.copy(path.with_suffix(".json"), tmp_path / "model.json")
     shutil.copy(sorted((synthetic_data / "eval" / "images").iterdir())[0], tmp_path / "me.jpg")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme[readme.index("## Export"):], re.S).group(1)
     printed, before = io.StringIO(), os.getcwd()
     os.chdir(tmp_path)

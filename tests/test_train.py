@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mtl import checkpoint, config, labels
 from mtl.errors import ConfigError
 from mtl.train import TrainingError, train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, SHARED
 
 QUIET = {"log": lambda *_: None}
 
@@ -221,7 +221,7 @@ def test_missing_pretrained_weights_name_the_way_out(tiny_config):
     assert "--pretrained-file" in str(err.value)
 
 
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0_imagenet.pth"
+SHARED_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"
 
 
 @pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="needs ../shared/weights")
