@@ -8,7 +8,7 @@ from mtl.errors import MTLError
 
 
 def main_guard(main, interrupted="interrupted: checkpoints written so far are kept"):
-    """Run main(); a user error prints 'error: ...' (no traceback) and exits 2, Ctrl-C prints `interrupted`, exits 130."""
+    """Run main(); a user error prints 'error: ...' (no traceback), exits 2; Ctrl-C prints `interrupted`, exits 130."""
     try:
         return main()
     except MTLError as exc:
@@ -181,3 +181,34 @@ def overrides_from_args(args) -> dict:
     if losses:
         values["losses"] = losses
     return {k: v for k, v in values.items() if k in FIELDS}
+
+
+# ---------------------------------------------------------------- console scripts (pyproject.toml [project.scripts])
+def _console(module: str, exit_status=False):
+    """A console script: `module.main()` under main_guard (with the module's INTERRUPTED message where it has one);
+    with exit_status, main's return value is the exit status."""
+    def run():
+        import importlib
+        command = importlib.import_module(module)
+        guard = {"interrupted": command.INTERRUPTED} if hasattr(command, "INTERRUPTED") else {}
+        status = main_guard(command.main, **guard)
+        if exit_status:
+            sys.exit(status)
+    run.__doc__ = f"The console script of {module} (pyproject.toml)."
+    return run
+
+
+# NOTE: the root scripts (train_multitask.py, tune.py, predict.py, demo.py) and `python -m ...` stay the README's
+# commands; these are the same commands once the package is installed (pip install -e .)
+train = _console("mtl.train_cli")
+tune = _console("mtl.tune.cli")
+predict = _console("mtl.predict")
+demo = _console("mtl.demo")
+vote = _console("mtl.vote")
+soup = _console("mtl.soup")
+export = _console("mtl.export")
+report = _console("data_tools.report", exit_status=True)
+crop_faces = _console("data_tools.crop_faces", exit_status=True)
+import_faces = _console("data_tools.import_faces", exit_status=True)
+make_synthetic = _console("data_tools.make_synthetic", exit_status=True)
+pseudo_label = _console("data_tools.pseudo_label")
