@@ -86,7 +86,7 @@ class MemoryImages:
     def __getitem__(self, i) -> np.ndarray:
         return self.images[i]
 
-    def take(self, indices) -> "MemoryImages":
+    def take(self, indices) -> MemoryImages:
         return MemoryImages([self.images[i] for i in indices])
 
 
@@ -177,9 +177,9 @@ class Predictor:
                  amp="auto", workers=0, cache_dir=None, use_cache=False, crop_batch_size=None, progress=False,
                  log=None):
         from mtl import checkpoint as ckpt_io
+        from mtl.ensemble import METHODS, check_weights
         from mtl.face_crop import DEFAULT_BATCH_SIZE, check_settings
         from mtl.inference import check_tta
-        from mtl.ensemble import METHODS, check_weights
         from mtl.members import load_members
         items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike, dict)) else list(checkpoints)
         if not items:

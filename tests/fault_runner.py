@@ -1,7 +1,7 @@
 """Fault-injection helper of tests/test_faults.py: a warm parent that forks real training processes to kill.
 
-Run as `python -m tests.fault_runner` from the checkout. It imports torch, timm and mtl once (about 10 s on 2 busy cores,
-which a fresh interpreter per kill would pay again), prints {"ready": true}, then reads one JSON
+Run as `python -m tests.fault_runner` from the checkout. It imports torch, timm and mtl once (about 10 s on 2 busy
+cores, which a fresh interpreter per kill would pay again), prints {"ready": true}, then reads one JSON
 command per line on stdin:
 
     {"argv": [...], "log": PATH, "out": FOLDER, "kill_write": [NAME, N, "before" | "after"], "kill_step": N}

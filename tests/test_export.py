@@ -160,6 +160,6 @@ def test_bad_arguments_exit_2_before_any_export(tmp_path, capsys):
                           (["--checkpoint", str(ckpt), "--out", str(tmp_path / "m.json")], "not ending in .json"),
                           (["--checkpoint", str(ckpt), "--out", str(tmp_path / "no" / "m.onnx")], "does not exist")):
         with pytest.raises(SystemExit) as exit_info:
-            main_guard(lambda: export.main(argv))
+            main_guard(lambda argv=argv: export.main(argv))
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]

@@ -11,10 +11,9 @@ import subprocess
 import sys
 import time
 
-import gpu_check  # NOTE: bench/ is on the tests' path (pytest.ini pythonpath), as it is for the bench scripts
-import gpu_stages
 import pytest
 
+from bench import gpu_check, gpu_stages
 from tests.helpers import ROOT
 
 SKIPPED_ON_CPU = {"train_fp16", "train_compile"}
@@ -23,7 +22,7 @@ SKIPPED_ON_CPU = {"train_fp16", "train_compile"}
 def run_check(tmp_path, *args, timeout=900):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out),
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(out),
                            "--work", str(tmp_path / "work"), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else None
@@ -124,7 +123,7 @@ def test_stages_the_budget_cannot_fit_are_skipped(tmp_path):
     (["--device", "tpu"], "--device must be cuda, cuda:N or cpu"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, args, message):
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(tmp_path), *args],
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--out", str(tmp_path), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: ") and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "gpu_check.json").exists()
@@ -134,6 +133,6 @@ def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "--device cpu --quick" in done.stderr

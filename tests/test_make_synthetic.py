@@ -151,7 +151,7 @@ def test_mask_state_is_drawn_where_it_should_be():
         photos = {stem: ms.draw_photo(person, stem, view, size) for stem in ("normal", "mask1", "incorrect_mask")}
         box = ms.face_box(person, view, size)
 
-        def diff(stem, *region):
+        def diff(stem, *region, photos=photos, box=box):
             return np.abs(_region(photos[stem], box, *region) - _region(photos["normal"], box, *region)).mean()
         mouth, nose, hair = (0.3, 0.76, 0.7, 0.84), (0.44, 0.56, 0.56, 0.63), (0.42, 0.01, 0.58, 0.06)
         assert diff("mask1", *mouth) > 20 and diff("incorrect_mask", *mouth) > 20   # both cover the mouth

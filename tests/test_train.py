@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mtl import checkpoint, config, labels
 from mtl.errors import ConfigError
 from mtl.train import TrainingError, train
-from tests.helpers import ROOT, SHARED
+from tests.helpers import ROOT, SHARED, free_port
 
 QUIET = {"log": lambda *_: None}
 
@@ -107,7 +107,7 @@ def test_checkpoint_rebuilds_the_model(trained_run):
 
 
 def test_resume_continues_exactly(tiny_config, tmp_path):
-    full = train(tiny_config(epochs=3, out=str(tmp_path / "full"), ema=0.9), **QUIET)
+    train(tiny_config(epochs=3, out=str(tmp_path / "full"), ema=0.9), **QUIET)
     first = tiny_config(epochs=3, out=str(tmp_path / "part"), ema=0.9)
     with pytest.raises(_Stop):
         train(first, on_epoch=_stop_after(2), **QUIET)
@@ -122,8 +122,9 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     assert b["epoch"] == 3 and result["epochs_run"] == 1
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
-        assert all(torch.equal(va[s], vb[s]) for s in va)
+    assert list(a["optimizer"]["state"]) == list(b["optimizer"]["state"])
+    for key, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[s], b["optimizer"]["state"][key][s]) for s in state), key
 
 
 class _Stop(Exception):
@@ -237,7 +238,7 @@ def test_pretrained_file_loads_real_weights():
 def test_ddp_two_cpu_processes(synthetic_data, cache_dir, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "train_multitask.py", "--config", "configs/demo.yaml", "--data", str(synthetic_data), "--cache-dir",
          str(cache_dir), "--out", str(out), "--epochs", "2", "--img-size", "40", "52", "--workers", "0",
          "--no-progress", "--batch-size", "16"],

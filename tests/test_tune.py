@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,16 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from conftest import TINY
 
 import mtl.train
-from conftest import TINY
 from mtl import config
 from mtl.cli import main_guard
 from mtl.train import TrainingError
 from mtl.tune import TuneSettings, check_settings
 from mtl.tune import space as search_space
 from mtl.tune import study as tune_study
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 SPACE = {"loss_weights": {"type": "loss_weights", "low": 0.2, "high": 5.0},
          "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
@@ -131,12 +130,6 @@ def test_study_names_its_objective_and_records_the_weights_trained(real_study):
         raw = [t.params[f"loss_weight_{task}"] for task in ("mask", "gender", "age")]
         shown = [t.user_attrs[f"loss_weight_{task}_normalized"] for task in ("mask", "gender", "age")]
         assert shown == search_space.normalize_weights(raw) == t.user_attrs["config"]["loss_weights"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hparams_tab(logdir, sessions: int):

@@ -12,8 +12,8 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import TINY
+
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.faults

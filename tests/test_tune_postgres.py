@@ -16,7 +16,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,9 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import TINY
-from tests.helpers import ROOT
+
+from tests.helpers import ROOT, free_port
 
 pytestmark = pytest.mark.faults
 
@@ -59,12 +58,6 @@ def _user_exists(name) -> bool:
     except KeyError:
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
