@@ -147,6 +147,7 @@ def fill_and_kill(cache, paths_file, when):
     assert done.returncode == -9, done.stderr  # killed, mid-fill
 
 
+@pytest.mark.slow
 def test_sigkill_while_the_cache_fills_loses_nothing(world, tmp_path):
     from mtl import data
     samples, _ = data.train_samples(world["data"])

@@ -75,6 +75,7 @@ def test_missing_and_extra_photos_are_named_and_junk_ignored(data_copy):
     assert "mask6.jpg" in str(err.value) and "--skip-bad" in str(err.value)
 
 
+@pytest.mark.slow
 def test_truncated_photo_is_named_and_skip_bad_goes_on(data_copy, tmp_path):
     bad = photo(data_copy, "normal", 3)
     if bad.suffix == ".png":
@@ -248,6 +249,7 @@ def test_16_bit_pngs_decode_to_their_8_bit_photo_not_white(tmp_path):
         assert cached[k].min() < 200, name
 
 
+@pytest.mark.slow
 def test_a_tiny_photo_is_refused_by_name_and_skip_bad_leaves_it_out(data_copy, tmp_path):
     tiny = photo(data_copy, "mask2", 6)
     Image.new("RGB", (1, 1), (90, 60, 30)).save(tiny, format="PNG" if tiny.suffix == ".png" else "JPEG")

@@ -137,6 +137,7 @@ class UnexportableHead(model.LinearHead):
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.slow
 def test_a_part_that_cannot_be_exported_is_named_and_nothing_is_written(tmp_path, monkeypatch, capsys, fmt):
     monkeypatch.setitem(model.HEADS, "unexportable", UnexportableHead)
     ckpt = untrained_checkpoint(tmp_path / "fixed.pt", head="unexportable")

@@ -127,6 +127,7 @@ def fault_data(tmp_path_factory):
                           size=(64, 80), progress=False, workers=1)
 
 
+@pytest.mark.slow
 def test_kills_at_any_moment_lose_nothing(fault_data, tmp_path):
     cache, ref, out = tmp_path / "cache", tmp_path / "reference", tmp_path / "killed"
     runner = Runner()  # NOTE: imports while the reference run trains

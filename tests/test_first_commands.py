@@ -32,6 +32,7 @@ def test_readme_opens_with_the_two_commands_and_ci_lints_then_runs_the_second_ve
     assert lint and lint[0] < ci_lines.index(commands[1])  # the linter first: a lint error fails CI in seconds
 
 
+@pytest.mark.slow
 def test_demo_makes_data_trains_predicts_and_says_where_everything_is(tmp_path, monkeypatch):
     from mtl import demo
     monkeypatch.chdir(tmp_path)

@@ -35,6 +35,7 @@ def quick_check(tmp_path_factory):
     return run_check(tmp_path_factory.mktemp("gpu_check"))
 
 
+@pytest.mark.slow
 def test_cpu_quick_mode_passes_every_stage(quick_check):
     done, report, out = quick_check
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -50,6 +51,7 @@ def test_cpu_quick_mode_passes_every_stage(quick_check):
     assert "## Architectures" in markdown and "## Our training step" in markdown and "## DataLoader" in markdown
 
 
+@pytest.mark.slow
 def test_cpu_twin_resumes_bitwise_and_compares_predictions(quick_check):
     stages = quick_check[1]["stages"]
     for name in ("train_fp32", "train_bf16"):
@@ -66,6 +68,7 @@ def test_cpu_twin_resumes_bitwise_and_compares_predictions(quick_check):
     assert runs["ddp_one_rank"]["ok"] and runs["ddp_one_rank"]["backend"] == "gloo" and runs["torchrun 1 process"]["ok"]
 
 
+@pytest.mark.slow
 def test_cpu_twin_measures_each_speed(quick_check):
     stages = quick_check[1]["stages"]
     speed = {(r["arch"], r["precision"]): r for r in stages["speed_archs"]["rows"]}
@@ -98,6 +101,7 @@ def test_a_stage_that_raises_is_recorded_and_the_next_still_runs(tmp_path, monke
     assert records["after"]["status"] == "ok" and records["after"]["summary"] == "ran on cpu"
 
 
+@pytest.mark.slow
 def test_an_overrunning_stage_is_stopped_and_the_next_still_runs(tmp_path):
     done, report, out = run_check(tmp_path, "--only", "environment", "pinned_loader", "--limit", "environment=0",
                                   "--grace", "0", timeout=600)
@@ -129,6 +133,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, args, message):
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "gpu_check.json").exists()
 
 
+@pytest.mark.slow
 def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
     import torch
     if torch.cuda.is_available():

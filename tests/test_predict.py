@@ -435,6 +435,7 @@ def text_boxes(fig, texts):
 
 
 @pytest.mark.parametrize("n", [3, 12, 48])
+@pytest.mark.slow
 def test_the_mistakes_title_sits_above_every_caption_and_nothing_is_cut(n):
     from mtl.plots import photo_grid, plt
     names = [labels.class_name(c) for c in range(labels.NUM_JOINT)]

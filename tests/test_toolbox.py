@@ -89,6 +89,7 @@ def test_every_preset_returns_the_configured_size(preset):
         assert tuple(transform(image=photo)["image"].shape) == (3, 224, 224)
 
 
+@pytest.mark.slow
 def test_oversample_old_repeats_the_60_plus_people(tiny_config):
     cfg = tiny_config(epochs=1, oversample_old=2, oversample_augment="gridshuffle")
     messages = []

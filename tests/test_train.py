@@ -106,6 +106,7 @@ def test_checkpoint_rebuilds_the_model(trained_run):
     assert set(out) == {"mask", "gender", "age", "age_reg"}
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_config, tmp_path):
     train(tiny_config(epochs=3, out=str(tmp_path / "full"), ema=0.9), **QUIET)
     first = tiny_config(epochs=3, out=str(tmp_path / "part"), ema=0.9)
@@ -145,11 +146,13 @@ def _stop_after(n):
      "drop_ages": "57-59", "losses": {"age": {"name": "focal", "gamma": 2.0, "class_weights": "balanced"},
                                       "mask": {"name": "soft_f1", "ce_weight": 1.0}}},
 ])
+@pytest.mark.slow
 def test_options_train_with_finite_losses(tiny_config, options):
     result = train(tiny_config(epochs=1, **options), **QUIET)
     assert 0.0 <= result["best_f1"] <= 1.0 and result["epochs_run"] == 1
 
 
+@pytest.mark.slow
 def test_all_folds_trains_each_fold(tiny_config, tmp_path):
     result = train(tiny_config(epochs=1, folds=2, all_folds=True, out=str(tmp_path / "cv")), **QUIET)
     assert len(result["folds"]) == 2
@@ -157,6 +160,7 @@ def test_all_folds_trains_each_fold(tiny_config, tmp_path):
     assert "f1_mean" in json.loads((tmp_path / "cv" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_config, monkeypatch):
     from mtl import losses
     real = losses.MultiTaskLoss.forward
@@ -201,6 +205,7 @@ def test_bad_flags_give_one_line_errors(flags, message, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_command_line_error_exits_2_with_one_line():
     result = run_cli("train_multitask.py", "--config", "configs/demo.yaml", "--age-threshold", "20")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -235,6 +240,7 @@ def test_pretrained_file_loads_real_weights():
     assert normalization(model)[0] == [0.5, 0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(synthetic_data, cache_dir, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
@@ -265,6 +271,7 @@ def cli(argv, capsys=None):
     return code, (capsys.readouterr().err.strip() if capsys else None)
 
 
+@pytest.mark.slow
 def test_resume_writes_next_to_the_resumed_file(tiny_config, tmp_path, monkeypatch, capsys):
     import shutil
     (tmp_path / "a").mkdir()
@@ -285,6 +292,7 @@ def test_resume_writes_next_to_the_resumed_file(tiny_config, tmp_path, monkeypat
     assert code == 2 and "already holds a run" in err  # never into another run's folder
 
 
+@pytest.mark.slow
 def test_resume_into_a_new_out_carries_the_best_checkpoint(tiny_config, tmp_path, capsys):
     train(tiny_config(epochs=2, out=str(tmp_path / "first")), **QUIET)
     before = {p.name: p.read_bytes() for p in (tmp_path / "first").iterdir() if p.is_file()}
@@ -329,6 +337,7 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_data_is_read(t
 
 
 @pytest.mark.parametrize("full", ["file_size_limit", "tmpfs"])
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_that_says_what_was_kept(tiny_config, tmp_path, capsys, full):
     import resource
     import shutil
@@ -367,6 +376,7 @@ def test_a_full_disk_mid_run_is_one_line_that_says_what_was_kept(tiny_config, tm
     assert torch.load(io.BytesIO(left["best.pt"]), weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_resume_repairs_best_pt_and_metrics_json_behind_last_pt(tiny_config, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(epochs=1, out=str(out)), **QUIET)
@@ -383,6 +393,7 @@ def test_resume_repairs_best_pt_and_metrics_json_behind_last_pt(tiny_config, tmp
     assert (out / "metrics.json").read_text() == metrics
 
 
+@pytest.mark.slow
 def test_resume_removes_the_temp_files_of_killed_writes(tiny_config, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(epochs=1, out=str(out)), **QUIET)
@@ -392,6 +403,7 @@ def test_resume_removes_the_temp_files_of_killed_writes(tiny_config, tmp_path):
     assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp"]
 
 
+@pytest.mark.slow
 def test_a_run_that_stopped_early_trains_no_more_when_resumed(tiny_config, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(epochs=1, out=str(out)), **QUIET)

@@ -52,6 +52,7 @@ def mid_trial(proc, out, skip=(), timeout=300) -> int:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigint_mid_study_lose_nothing(command, tmp_path):
     out = tmp_path / "study"
     with open(tmp_path / "run1.log", "w") as log:

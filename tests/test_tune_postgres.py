@@ -145,6 +145,7 @@ def wait_for(condition, what, timeout=300):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_two_machines_share_a_study_on_postgresql_and_one_dies(postgres, files, tmp_path):
     storage = postgres("study")
     outs = {name: tmp_path / name for name in ("a", "b")}
