@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # NOTE: the scripts run from the checkout: python -m bench.NAME
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # NOTE: benchmarks never wait on a download
 
 SHARED = ROOT.parent / "shared"

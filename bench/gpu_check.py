@@ -15,9 +15,9 @@ is stopped, and the rest still run; no stage starts that the budget cannot fit. 
 gpu_check.json and gpu_check.md in --out, rewritten after every stage, so a kill keeps what was done.
 BENCHMARKS.md ("GPU check") has the one-line command for a bare GPU machine and what each row means.
 
-    python bench/gpu_check.py                              # on a GPU: everything, under 8 minutes
-    python bench/gpu_check.py --device cpu --quick         # the CPU twin (tests/test_gpu_check.py)
-    python bench/gpu_check.py --only predict crop_faces --out /tmp/check
+    python -m bench.gpu_check                              # on a GPU: everything, under 8 minutes
+    python -m bench.gpu_check --device cpu --quick         # the CPU twin (tests/test_gpu_check.py)
+    python -m bench.gpu_check --only predict crop_faces --out /tmp/check
 """
 from __future__ import annotations
 
@@ -34,12 +34,11 @@ import time
 import traceback
 from pathlib import Path
 
-from common import ROOT, table
-from gpu_stages import ORDER, STAGES, Context, Stage, append_record, cuda_peak_reset, read_records, say
-
-from mtl.cli import main_guard  # noqa: E402
-from mtl.errors import ConfigError  # noqa: E402
-from mtl.io import atomic_write_text  # noqa: E402
+from bench.common import ROOT, table
+from bench.gpu_stages import ORDER, STAGES, Context, Stage, append_record, cuda_peak_reset, read_records, say
+from mtl.cli import main_guard
+from mtl.errors import ConfigError
+from mtl.io import atomic_write_text
 
 GRACE_S = 15  # a stage past its time gets this long to return before its process is killed
 
@@ -259,7 +258,7 @@ def check_args(args):
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: no CUDA GPU here; run `python bench/gpu_check.py "
+            raise ConfigError(f"--device {args.device}: no CUDA GPU here; run `python -m bench.gpu_check "
                               f"--device cpu --quick` for the CPU twin")
     apply_limits(args)
     if args.budget is None:
@@ -287,7 +286,7 @@ def main():
 
     def command_for(batch, group):
         """The worker's command line and environment: the correctness stages get cuBLAS's deterministic workspace."""
-        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--runner", "--stages", ",".join(batch),
+        command = [sys.executable, "-m", "bench.gpu_check", *argv, "--runner", "--stages", ",".join(batch),
                    "--deadline", repr(deadline), "--work", str(work), "--grace", str(args.grace)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if group == "check":

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT
+from bench.common import ROOT
 
 RESUME_REL_TOL = 1e-3  # resumed vs uninterrupted weights, where CUDA is not bitwise: max |a-b| / max |a|
 # NOTE: fp32 on CUDA runs cuDNN convolutions in TF32 (torch's default), so it is not the CPU's fp32 either
@@ -224,7 +224,7 @@ def train_and_resume(ctx, amp, compile_=False, model=None):
     ok = finite and b["epoch"] == 2 and resumed["epochs_run"] == 1 and (bitwise or close)
     scale = a["scaler"].get("scale") if a["scaler"] else None
     summary = (f"losses {', '.join(f'{v:.3f}' for v in losses)}; resumed = straight run "
-               f"{'bitwise' if bitwise else ('within %.0e (not bitwise)' % RESUME_REL_TOL if close else 'NO')}"
+               f"{'bitwise' if bitwise else (f'within {RESUME_REL_TOL:.0e} (not bitwise)' if close else 'NO')}"
                f" (weights: largest difference {weights['max_abs_diff']:.1e})"
                + (f"; grad scale {scale:g}" if scale is not None else ""))
     return {"ok": ok, "summary": summary, "losses": losses, "finite": finite, "bitwise": bitwise,
@@ -513,7 +513,8 @@ def cuda_peak_mb(ctx):
 def precisions(ctx, full_set):
     """(name, autocast dtype, channels_last, archs) of the speed runs."""
     import torch
-    from speed import ARCHS
+
+    from bench.speed import ARCHS
     both = [("fp32", None, False, ARCHS), ("bf16 + channels_last", torch.bfloat16, True, ARCHS)]
     if not full_set:
         return both
@@ -528,7 +529,8 @@ def speed_archs(ctx):
     import types
 
     import torch
-    from speed import Bench, time_benches
+
+    from bench.speed import Bench, time_benches
     s = ctx.sizes
     quick = ctx.args.quick
     args = types.SimpleNamespace(model=s["real_model"], img_size=s["real_size"], batch_size=s["real_batch"],

@@ -11,8 +11,8 @@ through onnxruntime (the exported file, CPU provider), at each thread count, in 
 built-in face crop (`mtl.face_crop.crop_images`: MTCNN + the cut, what `--images` runs for a model
 trained on crops) on competition-size 384x512 photos with a real face, batch 32, one thread.
 
-    python bench/inference.py                                           # CPU defaults (2 cores: ~4 minutes)
-    python bench/inference.py --img-size 240 320 --batch-size 16 --threads 1 2 --crop-photos 64
+    python -m bench.inference                                           # CPU defaults (2 cores: ~4 minutes)
+    python -m bench.inference --img-size 240 320 --batch-size 16 --threads 1 2 --crop-photos 64
 """
 from __future__ import annotations
 
@@ -22,17 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, table, write_json
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from mtl import checkpoint, config, face_crop, labels  # noqa: E402
-from mtl.export import DeployModel, export_checkpoint, sample_photos  # noqa: E402
-from mtl.images import fit_size  # noqa: E402
-from mtl.model import model_from_config, normalization  # noqa: E402
-from mtl.transforms import make_preprocess  # noqa: E402
+from bench.common import SHARED, table, write_json
+from mtl import checkpoint, config, face_crop, labels
+from mtl.export import DeployModel, export_checkpoint, sample_photos
+from mtl.images import fit_size
+from mtl.model import model_from_config, normalization
+from mtl.transforms import make_preprocess
 
 WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"
 UTKFACE = SHARED / "data" / "utkface-dev"
@@ -91,7 +90,7 @@ def compare(args, model_file, ckpt) -> list[dict]:
             with torch.inference_mode():
                 return [module(torch.from_numpy(b))["classes"].numpy() for b in batches]
 
-        def run_ort():
+        def run_ort(session=session):
             return [session.run(["classes"], {"image": b})[0] for b in batches]
 
         agree = np.mean(np.concatenate(run_torch()).argmax(1) == np.concatenate(run_ort()).argmax(1))

@@ -10,8 +10,8 @@ workers, which weighs on small benchmark epochs only. `prepare_s` is the one-off
 every photo) or opening the cache, which is built (`cache_build_s`, once per load size, by 2
 processes) and flushed to disk before anything is timed.
 
-    python bench/loading.py                       # 300 people = 2,100 photos at 384x512
-    python bench/loading.py --people 400 --load-sizes 384x512 --augments strong
+    python -m bench.loading                       # 300 people = 2,100 photos at 384x512
+    python -m bench.loading --people 400 --load-sizes 384x512 --augments strong
 """
 from __future__ import annotations
 
@@ -27,12 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, table, write_json
+from bench.common import ROOT, table, write_json
 
 
 def one_variant(args):
     """Run in a child process: time the loader for one variant, print JSON."""
     import torch
+
     from mtl.dataset import FaceDataset, load_fold
     from mtl.loader import make_loader
     from mtl.transforms import make_preprocess, train_transform
@@ -95,9 +96,9 @@ def main():
     for size in args.load_sizes:
         w, h = size.split("x")
         for augment in args.augments:
-            base = [sys.executable, __file__, "--data", str(data), "--cache-dir", str(cache_dir), "--load-size", w, h,
-                    "--augment", augment, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                    "--epochs", str(args.epochs)]
+            base = [sys.executable, "-m", "bench.loading", "--data", str(data), "--cache-dir", str(cache_dir),
+                    "--load-size", w, h, "--augment", augment, "--batch-size", str(args.batch_size), "--workers",
+                    str(args.workers), "--epochs", str(args.epochs)]
             if size not in built:
                 result = subprocess.run(base + ["--variant", "build"], cwd=ROOT, capture_output=True, text=True,
                                         check=True)

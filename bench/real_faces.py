@@ -17,9 +17,9 @@ tf_efficientnet_lite0 trunk (../shared/weights), and is scored three ways:
 A variant whose run folder already holds `train_row.json` (from `--work DIR`) is not trained
 again with `--reuse`, only scored again.
 
-    python bench/real_faces.py                        # CPU budget: ~10-20 minutes per variant
-    python bench/real_faces.py --full --device cuda   # every person, larger photos, more epochs
-    python bench/real_faces.py --variants multihead joint18
+    python -m bench.real_faces                        # CPU budget: ~10-20 minutes per variant
+    python -m bench.real_faces --full --device cuda   # every person, larger photos, more epochs
+    python -m bench.real_faces --variants multihead joint18
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, table, write_json
+from bench.common import SHARED, table, write_json
 
 VARIANTS = {
     "multihead": {"arch": "multihead"},
@@ -81,7 +81,7 @@ def facemask_samples(half: str):
 def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[dict, int]:
     """(per-task probabilities, age threshold) of a checkpoint on a sample table, through predict.py's code path."""
     from mtl import checkpoint
-    from mtl.predict import load_size_of, open_sources, predict_members
+    from mtl.members import load_size_of, open_sources, predict_members
     member = checkpoint.load(checkpoint_path)
     sources = open_sources(list(samples["image_path"]), [load_size_of(member)], cache_dir=cache_dir,
                            workers=workers, progress=False)
@@ -93,7 +93,8 @@ def train_variant(name, options, args, data, work) -> dict:
     """Train one variant (or, with --reuse, take its earlier run); the row of its training facts."""
     import json
 
-    from mtl import config, data as data_io
+    from mtl import config
+    from mtl import data as data_io
     from mtl.io import atomic_write_text
     from mtl.train import train
     options = dict(options)

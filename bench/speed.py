@@ -6,8 +6,8 @@ one 18-way head) and `separate` (three trunks, the seed write-ups' approach); ra
 so only the model's own cost is measured (bench/loading.py measures the data path). On CUDA it
 also compares fp32 with AMP (bf16) + channels_last.
 
-    python bench/speed.py                                   # CPU defaults (2 cores: ~2 minutes)
-    python bench/speed.py --model efficientnet_b3 --img-size 240 320 --batch-size 64 --device cuda
+    python -m bench.speed                                   # CPU defaults (2 cores: ~2 minutes)
+    python -m bench.speed --model efficientnet_b3 --img-size 240 320 --batch-size 64 --device cuda
 """
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ import argparse
 import statistics
 import time
 
-from common import table, write_json
+import torch
 
-import torch  # noqa: E402
-
-from mtl.inference import autocast  # noqa: E402
-from mtl.losses import build_loss  # noqa: E402
-from mtl.model import create_model  # noqa: E402
+from bench.common import table, write_json
+from mtl.inference import autocast
+from mtl.losses import build_loss
+from mtl.model import create_model
 
 ARCHS = ("multihead", "joint18", "separate")
 LOSSES = {"mask": {"name": "ce"}, "gender": {"name": "bce"}, "age": {"name": "ce"}, "joint": {"name": "ce"}}

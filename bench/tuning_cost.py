@@ -10,9 +10,9 @@ The best F1 of a study depends on which trials its sampler happens to draw, and 
 that path, so each pruner runs once per sampler seed: the spread of the unpruned studies' best F1
 over the seeds is the yardstick for noise.
 
-    python bench/tuning_cost.py                       # 3 seeds x 24 trials x 8 epochs (~100 min, 2 cores)
-    python bench/tuning_cost.py --sampler-seeds 0 --pruners none median:3
-    python bench/tuning_cost.py --trials 30 --epochs 8 --config configs/demo.yaml
+    python -m bench.tuning_cost                       # 3 seeds x 24 trials x 8 epochs (~100 min, 2 cores)
+    python -m bench.tuning_cost --sampler-seeds 0 --pruners none median:3
+    python -m bench.tuning_cost --trials 30 --epochs 8 --config configs/demo.yaml
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, table, write_json
+from bench.common import ROOT, table, write_json
 
 
 def main():

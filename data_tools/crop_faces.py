@@ -37,9 +37,20 @@ from mtl import data
 from mtl.cli import main_guard
 from mtl.data import FACE_CROP_RECORD
 from mtl.errors import ConfigError, DataError
-from mtl.face_crop import (CHUNK_BATCHES, DEFAULT_BATCH_SIZE, DEFAULT_MARGIN, DEFAULT_MIN_FACE,  # noqa: F401
-                           DEFAULT_SIZE, DEFAULT_THREADS, FaceDetector, crop_images, crop_region, crop_settings, cut,
-                           fallback_face)
+from mtl.face_crop import (  # noqa: F401
+    CHUNK_BATCHES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MARGIN,
+    DEFAULT_MIN_FACE,
+    DEFAULT_SIZE,
+    DEFAULT_THREADS,
+    FaceDetector,
+    crop_images,
+    crop_region,
+    crop_settings,
+    cut,
+    fallback_face,
+)
 from mtl.images import check_images, decode_image
 from mtl.io import atomic_path, atomic_write_text
 

@@ -289,27 +289,24 @@ def _draw_mask(layer: Image.Image, stem: str, view: View, geo: dict) -> None:
         draw.line([mid_pt, (ear_x, ear_bottom)], fill=view.strap + (255,), width=strap_w)
 
 
-def _draw_person(person: Person, stem: str, view: View, shape, rng: np.random.Generator) -> Image.Image:
-    """The person on a transparent layer at the working size, upright, in the photo's mask state."""
+def _face_geometry(person: Person, view: View, shape) -> dict:
+    """Where the face sits at the working size: centre, size, box (x0, y0, x1, y1), eye, nose and mouth heights."""
     h, w = shape
     fw = view.face_frac * w
     fh = fw * person.face_aspect
     cx, cy = view.cx * w, view.cy * h
     x0, y0, x1, y1 = cx - fw / 2, cy - fh / 2, cx + fw / 2, cy + fh / 2
-    eye_y, nose_y, mouth_y = y0 + 0.45 * fh, y0 + 0.66 * fh, y0 + 0.8 * fh
-    geo = dict(cx=cx, cy=cy, fw=fw, fh=fh, y0=y0, eye_y=eye_y, nose_y=nose_y, mouth_y=mouth_y)
-    skin = person.skin
-    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    hair_img = _hair_texture(person, shape, rng)
-    long_hair = person.hair_style == "long"
-    vol = person.hair_volume
+    return dict(w=w, h=h, cx=cx, cy=cy, fw=fw, fh=fh, x0=x0, y0=y0, x1=x1, y1=y1, eye_y=y0 + 0.45 * fh,
+                nose_y=y0 + 0.66 * fh, mouth_y=y0 + 0.8 * fh)
 
-    # 1. shoulders, then hair behind the head: to the ears when short, over the shoulders when long
-    draw.ellipse((cx - 1.2 * fw, y1 + 0.28 * fh, cx + 1.2 * fw, y1 + 1.9 * fh), fill=view.shirt)
-    back = Image.new("L", (w, h), 0)
+
+def _draw_shoulders_and_back_hair(layer, person: Person, view: View, g: dict, hair_img) -> None:
+    """Shoulders, then hair behind the head: to the ears when short, over the shoulders when long."""
+    cx, fw, fh, x0, y0, x1, y1, vol = g["cx"], g["fw"], g["fh"], g["x0"], g["y0"], g["x1"], g["y1"], person.hair_volume
+    ImageDraw.Draw(layer).ellipse((cx - 1.2 * fw, y1 + 0.28 * fh, cx + 1.2 * fw, y1 + 1.9 * fh), fill=view.shirt)
+    back = Image.new("L", (g["w"], g["h"]), 0)
     db = ImageDraw.Draw(back)
-    if long_hair:
+    if person.hair_style == "long":
         db.ellipse((x0 - 0.14 * fw, y0 - 0.12 * vol * fh, x1 + 0.14 * fw, y0 + 0.8 * fh), fill=255)
         db.rectangle((x0, y0 + 0.5 * fh, x1, y1 + 0.2 * fh), fill=255)  # behind the neck
         for lock_x0 in (x0 - 0.17 * fw, x1 - 0.13 * fw):  # a lock on each side, over the shoulders
@@ -319,41 +316,55 @@ def _draw_person(person: Person, stem: str, view: View, shape, rng: np.random.Ge
         db.ellipse((x0 - 0.07 * fw, y0 - 0.09 * vol * fh, x1 + 0.07 * fw, y0 + 0.6 * fh), fill=255)
     layer.paste(hair_img, (0, 0), back)
 
-    # 2. neck, ears, face
+
+def _draw_head(draw, person: Person, g: dict) -> None:
+    """Neck, ears (hidden by long hair), face."""
+    cx, cy, fw, fh, x0, y0, x1, y1 = (g[k] for k in ("cx", "cy", "fw", "fh", "x0", "y0", "x1", "y1"))
+    skin = person.skin
     draw.rectangle((cx - 0.21 * fw, cy + 0.2 * fh, cx + 0.21 * fw, y1 + 0.34 * fh), fill=_scale(skin, 0.88))
-    if not long_hair:
+    if person.hair_style != "long":
         for ex0 in (x0 - 0.07 * fw, x1 - 0.07 * fw):
             draw.ellipse((ex0, y0 + 0.4 * fh, ex0 + 0.14 * fw, y0 + 0.63 * fh), fill=_scale(skin, 0.92))
     draw.ellipse((x0, y0, x1, y1), fill=skin)
 
-    # 3. stubble on the jaw: the hair's texture (greying with it) shown through at low opacity
+
+def _draw_stubble(layer, person: Person, g: dict, hair_img) -> None:
+    """Stubble on the jaw: the hair's texture (greying with it) shown through at low opacity."""
     if person.stubble > 0:
-        stubble = Image.new("L", (w, h), 0)
+        stubble = Image.new("L", (g["w"], g["h"]), 0)
         ds = ImageDraw.Draw(stubble)
-        ds.ellipse((x0, y0, x1, y1), fill=round(255 * person.stubble))
-        ds.rectangle((0, 0, w, y0 + 0.7 * fh), fill=0)
+        ds.ellipse((g["x0"], g["y0"], g["x1"], g["y1"]), fill=round(255 * person.stubble))
+        ds.rectangle((0, 0, g["w"], g["y0"] + 0.7 * g["fh"]), fill=0)
         layer.paste(hair_img, (0, 0), stubble)
 
-    # 4. wrinkles from ~40 on, more and thicker with age
-    wrinkle = float(np.clip((person.age - 38) / 22, 0.0, 1.0))
-    if wrinkle > 0:
-        line = _scale(skin, 0.78 - 0.22 * wrinkle) + (255,)
-        width = max(1, round((0.01 + 0.016 * wrinkle) * fw))
-        for k in range(1 + round(2.6 * wrinkle)):
-            y = y0 + (0.3 - 0.045 * k) * fh
-            draw.arc((cx - 0.26 * fw, y, cx + 0.26 * fw, y + 0.12 * fh), 200, 340, fill=line, width=width)
-        for side in (-1, 1):
-            ex = cx + side * 0.31 * fw
-            for k in (-1, 0, 1):
-                draw.line([(ex, eye_y + k * 0.02 * fh), (ex + side * 0.09 * fw, eye_y + k * 0.05 * fh)],
-                          fill=line, width=width)
-            draw.arc((cx + side * 0.2 * fw - 0.1 * fw, eye_y + 0.01 * fh, cx + side * 0.2 * fw + 0.1 * fw,
-                      eye_y + 0.07 * fh), 20, 160, fill=line, width=width)
-            if wrinkle > 0.3:
-                draw.line([(cx + side * 0.1 * fw, nose_y), (cx + side * 0.2 * fw, mouth_y + 0.02 * fh)],
-                          fill=line, width=width)
 
-    # 5. nose, mouth, eyes
+def _draw_wrinkles(draw, person: Person, g: dict) -> None:
+    """Wrinkles from ~40 on, more and thicker with age: forehead, crow's feet, under the eyes, nose to mouth."""
+    cx, fw, fh, y0, eye_y, nose_y, mouth_y = (g[k] for k in ("cx", "fw", "fh", "y0", "eye_y", "nose_y", "mouth_y"))
+    wrinkle = float(np.clip((person.age - 38) / 22, 0.0, 1.0))
+    if wrinkle <= 0:
+        return
+    line = _scale(person.skin, 0.78 - 0.22 * wrinkle) + (255,)
+    width = max(1, round((0.01 + 0.016 * wrinkle) * fw))
+    for k in range(1 + round(2.6 * wrinkle)):
+        y = y0 + (0.3 - 0.045 * k) * fh
+        draw.arc((cx - 0.26 * fw, y, cx + 0.26 * fw, y + 0.12 * fh), 200, 340, fill=line, width=width)
+    for side in (-1, 1):
+        ex = cx + side * 0.31 * fw
+        for k in (-1, 0, 1):
+            draw.line([(ex, eye_y + k * 0.02 * fh), (ex + side * 0.09 * fw, eye_y + k * 0.05 * fh)],
+                      fill=line, width=width)
+        draw.arc((cx + side * 0.2 * fw - 0.1 * fw, eye_y + 0.01 * fh, cx + side * 0.2 * fw + 0.1 * fw,
+                  eye_y + 0.07 * fh), 20, 160, fill=line, width=width)
+        if wrinkle > 0.3:
+            draw.line([(cx + side * 0.1 * fw, nose_y), (cx + side * 0.2 * fw, mouth_y + 0.02 * fh)],
+                      fill=line, width=width)
+
+
+def _draw_nose_mouth_eyes(draw, person: Person, g: dict) -> None:
+    """Nose and nostrils, lips (lipstick or the skin's red), eyes (eyeliner for some women)."""
+    cx, fw, fh, eye_y, nose_y, mouth_y = (g[k] for k in ("cx", "fw", "fh", "eye_y", "nose_y", "mouth_y"))
+    skin = person.skin
     draw.polygon([(cx, eye_y + 0.02 * fh), (cx - 0.1 * fw, nose_y + 0.01 * fh), (cx + 0.1 * fw, nose_y + 0.01 * fh)],
                  fill=_scale(skin, 0.72))
     for side in (-1, 1):
@@ -373,15 +384,18 @@ def _draw_person(person: Person, stem: str, view: View, shape, rng: np.random.Ge
             draw.arc((ex - 0.1 * fw, eye_y - 0.05 * fw, ex + 0.1 * fw, eye_y + 0.05 * fw), 190, 350,
                      fill=(20, 16, 16), width=max(1, round(0.03 * fw)))
 
-    # 6. hair over the face: the cap down to the hairline (higher for older men who recede), sides, bangs
-    front = Image.new("L", (w, h), 0)
+
+def _draw_front_hair(layer, person: Person, g: dict, hair_img) -> None:
+    """Hair over the face: the cap down to the hairline (higher for older men who recede), sides, bangs."""
+    fw, fh, x0, y0, x1, y1, vol = g["fw"], g["fh"], g["x0"], g["y0"], g["x1"], g["y1"], person.hair_volume
+    front = Image.new("L", (g["w"], g["h"]), 0)
     df = ImageDraw.Draw(front)
     hairline = 0.27 if person.bangs else 0.18
     if person.recedes:
         hairline -= 0.11 * float(np.clip((person.age - 35) / 25, 0.0, 1.0))
     df.ellipse((x0 - 0.03 * fw, y0 - 0.09 * vol * fh, x1 + 0.03 * fw, y1), fill=255)
-    df.rectangle((0, y0 + hairline * fh, w, h), fill=0)
-    if long_hair:  # strands falling over the sides of the face
+    df.rectangle((0, y0 + hairline * fh, g["w"], g["h"]), fill=0)
+    if person.hair_style == "long":  # strands falling over the sides of the face
         for sx0 in (x0 - 0.05 * fw, x1 - 0.07 * fw):
             df.rectangle((sx0, y0 + 0.1 * fh, sx0 + 0.12 * fw, y0 + 0.75 * fh), fill=255)
     else:  # sideburns
@@ -389,7 +403,10 @@ def _draw_person(person: Person, stem: str, view: View, shape, rng: np.random.Ge
             df.rectangle((sx0, y0 + 0.1 * fh, sx0 + 0.08 * fw, y0 + 0.42 * fh), fill=255)
     layer.paste(hair_img, (0, 0), front)
 
-    # 7. brows: hair-coloured, greying more slowly; thick and straight for men, thin and arched for women
+
+def _draw_brows(draw, person: Person, g: dict) -> None:
+    """Brows: hair-coloured, greying more slowly; thick and straight for men, thin and arched for women."""
+    cx, fw, fh, eye_y = g["cx"], g["fw"], g["fh"], g["eye_y"]
     brow_grey = 0.6 * grey_fraction(person.age)
     brow = _scale(np.asarray(person.hair) * (1 - brow_grey) + _grey_level(person.age) * brow_grey, 0.8)
     brow_w = max(1, round(person.brow_width * fw))
@@ -402,9 +419,10 @@ def _draw_person(person: Person, stem: str, view: View, shape, rng: np.random.Ge
             draw.line([(ex - side * 0.12 * fw, eye_y - 0.075 * fh), (ex + side * 0.11 * fw, eye_y - 0.09 * fh)],
                       fill=brow, width=brow_w)
 
-    # 8. mask, glasses, earrings
-    if stem != "normal":
-        _draw_mask(layer, stem, view, geo)
+
+def _draw_glasses_and_earrings(draw, person: Person, g: dict) -> None:
+    """Glasses (two frames and a bridge) and earrings, for the people who wear them."""
+    cx, fw, fh, x0, y0, x1, eye_y = (g[k] for k in ("cx", "fw", "fh", "x0", "y0", "x1", "eye_y"))
     if person.glasses:
         for side in (-1, 1):
             ex = cx + side * 0.2 * fw
@@ -415,6 +433,24 @@ def _draw_person(person: Person, stem: str, view: View, shape, rng: np.random.Ge
     if person.earrings:
         for ex in (x0 - 0.01 * fw, x1 + 0.01 * fw):
             draw.ellipse((ex - 0.035 * fw, y0 + 0.63 * fh, ex + 0.035 * fw, y0 + 0.7 * fh), fill=(226, 190, 80))
+
+
+def _draw_person(person: Person, stem: str, view: View, shape, rng: np.random.Generator) -> Image.Image:
+    """The person on a transparent layer at the working size, upright, in the photo's mask state, back to front."""
+    g = _face_geometry(person, view, shape)
+    layer = Image.new("RGBA", (g["w"], g["h"]), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    hair_img = _hair_texture(person, shape, rng)
+    _draw_shoulders_and_back_hair(layer, person, view, g, hair_img)
+    _draw_head(draw, person, g)
+    _draw_stubble(layer, person, g, hair_img)
+    _draw_wrinkles(draw, person, g)
+    _draw_nose_mouth_eyes(draw, person, g)
+    _draw_front_hair(layer, person, g, hair_img)
+    _draw_brows(draw, person, g)
+    if stem != "normal":
+        _draw_mask(layer, stem, view, g)
+    _draw_glasses_and_earrings(draw, person, g)
     return layer
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mtl import data, labels
-from mtl.cli import add_inference_arguments, main_guard
+from mtl.cli import add_ensemble_flags, add_inference_arguments, add_tta_flags, main_guard
 from mtl.errors import ConfigError, DataError
 
 DEFAULT_MIN_CONFIDENCE = 0.9
@@ -122,10 +122,11 @@ def check_args(args):
 
 def run(args, log=print) -> dict:
     """Check every input, predict the eval photos (soft ensemble), keep the confident tasks, write OUT atomically."""
-    # NOTE: mtl.predict imports timm (seconds); imported here so --help and argument errors stay quick
+    # NOTE: mtl.members imports timm (seconds); imported here so --help and argument errors stay quick
     from mtl import checkpoint as ckpt_io
-    from mtl.predict import (check_face_crop, check_output, check_weights, combine, load_members, load_size_of,
-                             open_sources, predict_members, write_outputs)
+    from mtl.ensemble import check_weights, combine
+    from mtl.members import check_face_crop, load_members, load_size_of, open_sources, predict_members
+    from mtl.outputs import check_output, write_outputs
     bars = check_args(args)
     out = check_output(args.out)
     if out.exists() and not args.overwrite:
@@ -184,10 +185,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "in the predicted group is written instead. Either way the age only stands for the group")
 
     group = parser.add_argument_group("ensemble and TTA")
-    group.add_argument("--weights", type=float, nargs="+", metavar="W",
-                       help="one weight per checkpoint in the soft ensemble (default: equal)")
-    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
-                       help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
+    add_ensemble_flags(group, weights_help="one weight per checkpoint in the soft ensemble (default: equal)")
+    add_tta_flags(group)
 
     add_inference_arguments(parser.add_argument_group("running"))
     return parser

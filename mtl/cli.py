@@ -8,7 +8,7 @@ from mtl.errors import MTLError
 
 
 def main_guard(main, interrupted="interrupted: checkpoints written so far are kept"):
-    """Run main(); a user error prints 'error: ...' (no traceback) and exits 2, Ctrl-C prints `interrupted`, exits 130."""
+    """Run main(); a user error prints 'error: ...' (no traceback), exits 2; Ctrl-C prints `interrupted`, exits 130."""
     try:
         return main()
     except MTLError as exc:
@@ -29,6 +29,35 @@ def add_inference_arguments(group):
     group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
     group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
     group.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_fold_flags(group, member="checkpoint", skip_bad_help=None):
+    """--fold, --folds, --seed, --relabel, --skip-bad: which validation people to score (predict.py, mtl.soup).
+
+    Each defaults to the first checkpoint's training config (`reports.validation_fold`), so the fold is the one
+    that checkpoint was validated on.
+    """
+    group.add_argument("--fold", type=int, help=f"validation fold (default: the first {member}'s)")
+    group.add_argument("--folds", type=int, help=f"number of folds (default: the first {member}'s)")
+    group.add_argument("--seed", type=int, help=f"fold seed (default: the first {member}'s)")
+    group.add_argument("--relabel", help=f"relabel CSV for the truth (default: the first {member}'s; 'none' for none)")
+    group.add_argument("--skip-bad", action="store_const", const=True,
+                       help=skip_bad_help or f"leave out bad photos (default: as the first {member} was trained)")
+
+
+def add_ensemble_flags(group, methods=None, weights_help="one weight per ensemble member"):
+    """--ensemble (when methods are given) and --weights (predict.py, data_tools.pseudo_label)."""
+    if methods:
+        group.add_argument("--ensemble", default=methods[0], choices=methods,
+                           help="soft: mean of each head's probabilities, then recombine (default); hard: vote on the "
+                                "18-class answers, ties to the soft result")
+    group.add_argument("--weights", type=float, nargs="+", metavar="W", help=weights_help)
+
+
+def add_tta_flags(group):
+    """--tta (predict.py, mtl.soup, data_tools.pseudo_label; read with `inference.check_tta`)."""
+    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
+                       help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
 
 
 NONE_MEANS = {"out": "a fresh runs/<time>_<model>_<arch>", "cache_dir": "$MTL_CACHE_DIR or ~/.cache/mtl",
@@ -152,3 +181,34 @@ def overrides_from_args(args) -> dict:
     if losses:
         values["losses"] = losses
     return {k: v for k, v in values.items() if k in FIELDS}
+
+
+# ---------------------------------------------------------------- console scripts (pyproject.toml [project.scripts])
+def _console(module: str, exit_status=False):
+    """A console script: `module.main()` under main_guard (with the module's INTERRUPTED message where it has one);
+    with exit_status, main's return value is the exit status."""
+    def run():
+        import importlib
+        command = importlib.import_module(module)
+        guard = {"interrupted": command.INTERRUPTED} if hasattr(command, "INTERRUPTED") else {}
+        status = main_guard(command.main, **guard)
+        if exit_status:
+            sys.exit(status)
+    run.__doc__ = f"The console script of {module} (pyproject.toml)."
+    return run
+
+
+# NOTE: the root scripts (train_multitask.py, tune.py, predict.py, demo.py) and `python -m ...` stay the README's
+# commands; these are the same commands once the package is installed (pip install -e .)
+train = _console("mtl.train_cli")
+tune = _console("mtl.tune.cli")
+predict = _console("mtl.predict")
+demo = _console("mtl.demo")
+vote = _console("mtl.vote")
+soup = _console("mtl.soup")
+export = _console("mtl.export")
+report = _console("data_tools.report", exit_status=True)
+crop_faces = _console("data_tools.crop_faces", exit_status=True)
+import_faces = _console("data_tools.import_faces", exit_status=True)
+make_synthetic = _console("data_tools.make_synthetic", exit_status=True)
+pseudo_label = _console("data_tools.pseudo_label")

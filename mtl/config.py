@@ -26,7 +26,8 @@ import yaml
 from mtl import labels
 from mtl.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # NOTE: package data; in the checkout a link to configs/
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
 LOSS_TASKS = ("mask", "gender", "age", "joint")  # 'joint' is the 18-way loss of --arch joint18
 
 

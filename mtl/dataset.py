@@ -49,7 +49,7 @@ class FaceDataset(Dataset):
             if hasattr(transform, "set_random_seed"):
                 transform.set_random_seed(seed)
 
-    def oversampled(self, rows, copies: int, transform) -> "FaceDataset":
+    def oversampled(self, rows, copies: int, transform) -> FaceDataset:
         """This dataset plus `copies` more of the given rows, those copies augmented by `transform`."""
         rows = np.asarray(rows, dtype=np.int64)
         index = np.concatenate([np.arange(len(self))] + [rows] * copies)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+from mtl.config import CONFIGS
+
+CONFIG = CONFIGS / "demo.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -255,8 +255,8 @@ def json_path(out) -> Path:
 def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", opset=None, tolerance=TOLERANCE, log=print) -> dict:
     """Export, check and write a checkpoint (path or loaded dict) and its JSON record; returns the record."""
     from mtl.io import atomic_path, atomic_write_text
-    from mtl.predict import load_members
-    from mtl.predict import check_output
+    from mtl.members import load_members
+    from mtl.outputs import check_output
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = check_output(out)

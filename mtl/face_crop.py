@@ -116,6 +116,7 @@ class FaceDetector:
                  threads=DEFAULT_THREADS):
         import torch
         from facenet_pytorch import MTCNN
+
         from mtl.inference import resolve_device
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.min_face, self.batch_size, self.threads = float(min_face), int(batch_size), int(threads)

@@ -108,7 +108,7 @@ class DirectImages:
     def __getitem__(self, i) -> np.ndarray:
         return decode_image(self.paths[i], self.size)
 
-    def take(self, indices) -> "DirectImages":
+    def take(self, indices) -> DirectImages:
         """The images at these positions, as a new source."""
         return DirectImages([self.paths[i] for i in indices], self.size)
 
@@ -125,7 +125,7 @@ class CachedImages:
     def __len__(self):
         return len(self.rows)
 
-    def take(self, indices) -> "CachedImages":
+    def take(self, indices) -> CachedImages:
         """The images at these positions, as a new source."""
         return CachedImages(self.pixels_file, self.size, self.rows[np.asarray(indices, dtype=np.int64)])
 

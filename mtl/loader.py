@@ -18,8 +18,16 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    default_collate,
+    get_worker_info,
+)
 
 PREFETCH = 2  # batches each worker prepares ahead (DataLoader's prefetch_factor)
 
@@ -80,7 +88,7 @@ class PhotoRing:
         batch["ring"] = torch.tensor([slot, number, len(photos)])
         return batch
 
-    def take(self, batch: dict, buffers: "ReusedBuffers") -> dict:
+    def take(self, batch: dict, buffers: ReusedBuffers) -> dict:
         """In the main process: copy a batch's photos out of its slot (the slot is free for reuse after this)."""
         if "ring" not in batch:
             return batch

@@ -2,8 +2,8 @@
 
 A Predictor holds one checkpoint or an ensemble (paths or globs) and answers for photo files,
 folders, globs, PIL images or uint8 RGB arrays, with each checkpoint's own preprocessing: the
-same decoding, image cache, forward passes (`predict.predict_members`) and ensemble
-(`predict.combine`) as the competition path, so a photo gets the same answer either way. A
+same decoding, image cache, forward passes (`members.predict_members`) and ensemble
+(`ensemble.combine`) as the competition path, so a photo gets the same answer either way. A
 checkpoint trained on `crop_faces` output (its preprocess record holds `face_crop`) gets its photos
 cropped first with exactly those settings (`mtl.face_crop.crop_images`, the function crop_faces
 itself runs), batched, on the GPU when there is one.
@@ -86,7 +86,7 @@ class MemoryImages:
     def __getitem__(self, i) -> np.ndarray:
         return self.images[i]
 
-    def take(self, indices) -> "MemoryImages":
+    def take(self, indices) -> MemoryImages:
         return MemoryImages([self.images[i] for i in indices])
 
 
@@ -177,9 +177,10 @@ class Predictor:
                  amp="auto", workers=0, cache_dir=None, use_cache=False, crop_batch_size=None, progress=False,
                  log=None):
         from mtl import checkpoint as ckpt_io
+        from mtl.ensemble import METHODS, check_weights
         from mtl.face_crop import DEFAULT_BATCH_SIZE, check_settings
         from mtl.inference import check_tta
-        from mtl.predict import METHODS, check_weights, load_members
+        from mtl.members import load_members
         items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike, dict)) else list(checkpoints)
         if not items:
             raise ConfigError("give at least one checkpoint")
@@ -222,7 +223,7 @@ class Predictor:
 
     def table(self, names, items, skip_bad=False) -> dict:
         """{'table', 'member_probs', 'result', 'skipped'} for decoded inputs (read_inputs); the CLI's entry point."""
-        from mtl.predict import combine
+        from mtl.ensemble import combine
         member_probs, kept, face_found, skipped = self.member_probs(items, skip_bad)
         result = combine(member_probs, self.weights, self.ensemble)
         parts = labels.decode(result.pred)
@@ -233,7 +234,7 @@ class Predictor:
         for task in labels.TASKS:
             for j, name in enumerate(self.class_names[task]):
                 table[probability_column(task, name)] = result.probs[task][:, j].astype(np.float64)
-        if "age_reg" in result.probs:  # NOTE: only when every member regresses age (predict.soft_mean)
+        if "age_reg" in result.probs:  # NOTE: only when every member regresses age (ensemble.soft_mean)
             table["age_years"] = np.asarray(result.probs["age_reg"], dtype=np.float64)
         if face_found is not None:
             table["face_found"] = face_found
@@ -331,8 +332,8 @@ class Predictor:
         return merged, np.asarray(found, dtype=bool)
 
     def forward(self, indices, samples, sources, from_files) -> list[dict]:
-        """predict.predict_members for some members (worker processes only for photos read from files)."""
-        from mtl.predict import predict_members
+        """members.predict_members for some members (worker processes only for photos read from files)."""
+        from mtl.members import predict_members
         return predict_members([self.members[i] for i in indices], samples, sources, self.batch_size,
                                self.workers if from_files else 0, self.device, self.amp, self.tta, self.progress)
 
@@ -343,7 +344,7 @@ class Predictor:
                              for item in items])
 
     def load_size(self, i) -> tuple:
-        from mtl.predict import load_size_of
+        from mtl.members import load_size_of
         return load_size_of(self.members[i])
 
     def detector(self, record):
@@ -375,7 +376,7 @@ def run_images(args, log=print) -> dict:
     """predict.py --images: find the photos, check the outputs, predict, write one row per photo atomically."""
     from mtl import checkpoint as ckpt_io
     from mtl.io import atomic_write_csv
-    from mtl.predict import check_output, probs_table, write_outputs
+    from mtl.outputs import check_output, probs_table, write_outputs
     out = check_output(args.out)
     if args.save_probs:
         check_output(args.save_probs, "--save-probs")

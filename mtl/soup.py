@@ -18,10 +18,11 @@ import argparse
 import torch
 
 from mtl import checkpoint as ckpt_io
-from mtl.cli import add_inference_arguments
+from mtl.cli import add_fold_flags, add_inference_arguments, add_tta_flags
 from mtl.errors import ConfigError
-from mtl.predict import (check_face_crop, check_output, load_members, load_size_of, truth_of, validation_fold,
-                         write_outputs)
+from mtl.members import check_face_crop, load_members, load_size_of
+from mtl.outputs import check_output, write_outputs
+from mtl.reports import truth_of, validation_fold
 
 SAME_KEYS = ("arch", "model", "head")
 
@@ -148,13 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ingredient checkpoints or globs (same architecture, trunk, head and preprocessing)")
     parser.add_argument("--data", default="data", help="data folder the ingredients were trained on")
     parser.add_argument("--out", default="soup.pt", help="soup checkpoint to write (default: soup.pt)")
-    parser.add_argument("--fold", type=int, help="validation fold (default: the first ingredient's)")
-    parser.add_argument("--folds", type=int, help="number of folds (default: the first ingredient's)")
-    parser.add_argument("--seed", type=int, help="fold seed (default: the first ingredient's)")
-    parser.add_argument("--relabel", help="relabel CSV for the truth (default: the first ingredient's; 'none')")
-    parser.add_argument("--skip-bad", action="store_const", const=True,
-                        help="leave out bad photos (default: as the first ingredient was trained)")
-    parser.add_argument("--tta", nargs="+", default=["none"], help="score with TTA: none (default) or hflip")
+    add_fold_flags(parser, "ingredient")
+    add_tta_flags(parser)
     add_inference_arguments(parser.add_argument_group("running"))
     return parser
 

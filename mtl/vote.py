@@ -23,6 +23,7 @@ import pandas as pd
 from mtl import labels
 from mtl.cli import main_guard
 from mtl.data import Problem, format_problems, read_csv_checked
+from mtl.ensemble import check_weights, hard_vote, tied_classes, vote_counts
 from mtl.errors import ConfigError, DataError
 from mtl.io import atomic_write_csv, check_parent
 
@@ -68,48 +69,19 @@ def check_same_images(tables, paths):
                         f"(ImageID {extra!r}) is missing from {shorter}")
 
 
-def check_vote_weights(weights, n: int) -> np.ndarray:
-    """--weights as n positive numbers (all ones when not given)."""
-    if weights is None:
-        return np.ones(n)
-    weights = np.asarray(weights, dtype=np.float64)
-    if len(weights) != n:
-        raise ConfigError(f"--weights got {len(weights)} number(s) for {n} submission(s); give one per file")
-    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
-        raise ConfigError(f"--weights must be positive numbers, got {weights.tolist()} (to leave a file out, do not "
-                          f"list it)")
-    return weights
-
-
 def answers_of(table) -> np.ndarray:
     """The ans column of a submission table, or a plain sequence of answers, as int64."""
     return np.asarray(table["ans"] if isinstance(table, pd.DataFrame) else table, dtype=np.int64)
-
-
-def tied_classes(answers, weights) -> np.ndarray:
-    """(photos, 18) bool: the classes with the most (weighted) votes per photo; answers is (files, photos)."""
-    rows = np.arange(answers.shape[1])
-    votes = np.zeros((answers.shape[1], labels.NUM_JOINT))
-    for w, ans in zip(weights, answers):
-        np.add.at(votes, (rows, ans), w)
-    # NOTE: a relative tolerance, so weights like 0.1 + 0.2 tie with 0.3
-    return votes >= votes.max(1, keepdims=True) - 1e-9 * weights.sum()
 
 
 def vote(tables, weights=None) -> np.ndarray:
     """Weighted hard vote per photo over submissions (tables or answer arrays, one order); ties to the first file.
 
     Among the classes tied for the most votes, the first file's answer wins when it is one of them,
-    else the answer of the earliest file that voted for a tied class.
+    else the answer of the earliest file that voted for a tied class (`ensemble.hard_vote`).
     """
     answers = np.stack([answers_of(t) for t in tables])
-    tied = tied_classes(answers, check_vote_weights(weights, len(answers)))
-    rows = np.arange(answers.shape[1])
-    pred = np.full(len(rows), -1, dtype=np.int64)
-    for ans in answers:
-        take = (pred < 0) & tied[rows, ans]
-        pred[take] = ans[take]
-    return pred
+    return hard_vote(answers, check_weights(weights, len(answers), "submission", positive=True))[0]
 
 
 def check_output(path) -> Path:
@@ -125,7 +97,7 @@ def run(paths, out, weights=None, log=print) -> pd.DataFrame:
     paths = [Path(p) for p in paths]
     if len(paths) < MIN_FILES:
         raise ConfigError(f"give at least {MIN_FILES} submissions to vote on, got {len(paths)}")
-    weights = check_vote_weights(weights, len(paths))
+    weights = check_weights(weights, len(paths), "submission", positive=True)
     out = check_output(out)
     tables = [read_submission(p) for p in paths]
     check_same_images(tables, paths)
@@ -133,7 +105,7 @@ def run(paths, out, weights=None, log=print) -> pd.DataFrame:
     result = pd.DataFrame({"ImageID": tables[0]["ImageID"].to_numpy(), "ans": pred})
     atomic_write_csv(result, out)
     first = answers_of(tables[0])
-    ties = int((tied_classes(np.stack([answers_of(t) for t in tables]), weights).sum(1) > 1).sum())
+    ties = int((tied_classes(vote_counts([answers_of(t) for t in tables], weights), weights).sum(1) > 1).sum())
     changed = int((pred != first).sum())
     agreement = ", ".join(f"{p.name} {float((answers_of(t) == pred).mean()):.1%}" for p, t in zip(paths, tables))
     log(f"wrote {out}: {len(pred)} rows voted from {len(paths)} submissions"

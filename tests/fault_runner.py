@@ -1,7 +1,7 @@
 """Fault-injection helper of tests/test_faults.py: a warm parent that forks real training processes to kill.
 
-Run as `python tests/fault_runner.py`. It imports torch, timm and mtl once (about 10 s on 2 busy cores,
-which a fresh interpreter per kill would pay again), prints {"ready": true}, then reads one JSON
+Run as `python -m tests.fault_runner` from the checkout. It imports torch, timm and mtl once (about 10 s on 2 busy
+cores, which a fresh interpreter per kill would pay again), prints {"ready": true}, then reads one JSON
 command per line on stdin:
 
     {"argv": [...], "log": PATH, "out": FOLDER, "kill_write": [NAME, N, "before" | "after"], "kill_step": N}
@@ -19,11 +19,8 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: E402,F401 - warm import: the epoch figures use it

@@ -19,11 +19,10 @@ from mtl.dataset import FaceDataset, load_fold
 from mtl.images import ImageCache
 from mtl.transforms import eval_transform, make_preprocess
 from tests.conftest import TINY
-from tests.helpers import run_command
+from tests.helpers import ROOT, run_command
 
 pytestmark = pytest.mark.faults
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = tuple(TINY["img_size"])  # the checkpoint's load size: training and prediction share one cache
 
 
@@ -143,12 +142,12 @@ KILLER = textwrap.dedent("""
 
 
 def fill_and_kill(cache, paths_file, when):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", KILLER, str(cache), str(paths_file), str(when)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-c", KILLER, str(cache), str(paths_file), str(when)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr  # killed, mid-fill
 
 
+@pytest.mark.slow
 def test_sigkill_while_the_cache_fills_loses_nothing(world, tmp_path):
     from mtl import data
     samples, _ = data.train_samples(world["data"])

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_command
 
 import train_multitask
-import tune
 from mtl import checkpoint, config
 from mtl.cli import add_train_arguments, main_guard
 from mtl.errors import ConfigError, MTLError
 from mtl.io import atomic_torch_save, atomic_write_text, remove_stale_temps
 from mtl.model import model_from_config
+from mtl.train_cli import get_args_parser, resolve_config
+from mtl.tune.cli import build_parser as tune_parser
+from tests.helpers import ROOT, run_command
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
@@ -33,14 +33,14 @@ def one_line_error(argv, capsys) -> str:
 # ---------------------------------------------------------------- one source of defaults
 def test_no_config_runs_exactly_configs_default_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # NOTE: found next to the package, not in the working directory
-    parser = train_multitask.get_args_parser()
-    plain = train_multitask.resolve_config(parser.parse_args([]))
-    named = train_multitask.resolve_config(parser.parse_args(["--config", str(ROOT / "configs" / "default.yaml")]))
+    parser = get_args_parser()
+    plain = resolve_config(parser.parse_args([]))
+    named = resolve_config(parser.parse_args(["--config", str(ROOT / "configs" / "default.yaml")]))
     assert plain.to_dict() == named.to_dict()
     assert plain.img_size == [240, 320] and plain.age_reg_weight == 0.1 and plain.patience == 4
     assert plain.losses["age"] == {"name": "ce", "class_weights": "balanced", "label_smoothing": 0.05}
     from mtl.cli import overrides_from_args
-    tuned = config.build(overrides_from_args(tune.build_parser().parse_args([])), None)  # tune.py trials' base
+    tuned = config.build(overrides_from_args(tune_parser().parse_args([])), None)  # tune.py trials' base
     assert tuned.to_dict() == plain.to_dict()
 
 
@@ -54,11 +54,11 @@ def test_help_shows_every_flags_default():
     bare = __import__("argparse").ArgumentParser()
     add_train_arguments(bare)
     train_flags = {(a.option_strings[0], a.dest) for a in bare._actions if a.option_strings and a.dest != "help"}
-    for parser in (train_multitask.get_args_parser(), tune.build_parser()):
+    for parser in (get_args_parser(), tune_parser()):
         for action in parser._actions:
             if action.option_strings and (action.option_strings[0], action.dest) in train_flags:
                 assert "(default: " in action.help, action.option_strings
-    text = " ".join(train_multitask.get_args_parser().format_help().split())
+    text = " ".join(get_args_parser().format_help().split())
     for shown in ("network input W H (or one number for a square) (default: 240 320)", "(default: 0.0003)",
                   "(default: ce:class_weights=balanced,label_smoothing=0.05)", "(default: efficientnet_b3)"):
         assert shown in text, shown

@@ -13,8 +13,9 @@ from data_tools import crop_faces
 from data_tools.make_synthetic import make_synthetic
 from mtl import data
 from mtl.errors import DataError
+from tests.helpers import SHARED
 
-UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface-dev"
+UTKFACE = SHARED / "data" / "utkface-dev"
 FACE_AT = (48, 64, 144, 160)  # where the real face is pasted: x1, y1, x2, y2 on a 192x256 canvas
 OUT_SIZE = ["60", "80"]
 

@@ -43,6 +43,7 @@ def first_conv_dtypes(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_bf16_autocast_training_resumes_exactly_on_the_cpu(tiny_config, tmp_path, monkeypatch):
     dtypes = first_conv_dtypes(monkeypatch)
     # NOTE: small photos: bf16 convolutions are emulated on most CPUs, 4x slower than fp32

@@ -17,7 +17,6 @@ from mtl import data, labels
 from mtl.dataset import FaceDataset, load_fold
 from mtl.errors import DataError
 from mtl.images import MIN_PHOTO_SIDE, DirectImages, ImageCache, decode_image
-from mtl.loader import make_loader
 from mtl.splits import person_folds
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
@@ -76,6 +75,7 @@ def test_missing_and_extra_photos_are_named_and_junk_ignored(data_copy):
     assert "mask6.jpg" in str(err.value) and "--skip-bad" in str(err.value)
 
 
+@pytest.mark.slow
 def test_truncated_photo_is_named_and_skip_bad_goes_on(data_copy, tmp_path):
     bad = photo(data_copy, "normal", 3)
     if bad.suffix == ".png":
@@ -167,20 +167,10 @@ def test_dataset_items_and_transforms(synthetic_data, cache_dir):
     assert tuple(item["image"].shape) == (3, SIZE[1], SIZE[0])
     assert item["age_group"] == labels.age_group(item["age"], 59)
     val = FaceDataset(fold.val_samples, fold.val_images, eval_transform(record))
-    assert np.allclose(val[0]["image"].numpy(), val[0]["image"].numpy())
-    assert set(fold.train_samples["person_id"]).isdisjoint(fold.val_samples["person_id"])
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_loader_batches_are_the_items_in_channels_last(synthetic_data, cache_dir, workers):
-    fold = load_fold(synthetic_data, SIZE, cache_dir=cache_dir, progress=False)
-    val = FaceDataset(fold.val_samples, fold.val_images, eval_transform(make_preprocess(SIZE)))
-    batch = next(iter(make_loader(val, batch_size=5, workers=workers)))
-    assert batch["image"].dtype == torch.uint8 and tuple(batch["image"].shape) == (5, 3, SIZE[1], SIZE[0])
-    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(batch["image"], torch.stack([val[i]["image"] for i in range(5)]))
-    assert batch["mask"].tolist() == [val[i]["mask"] for i in range(5)]
-    assert batch["index"].tolist() == list(range(5))
+    # evaluation shows the photo as decoded (its load size is the input size here): uint8, HWC turned CHW, no change
+    for i in (0, len(val) - 1):
+        assert torch.equal(val[i]["image"], torch.from_numpy(np.array(fold.val_images[i])).permute(2, 0, 1))
+        assert (val[i]["mask"], val[i]["gender"]) == tuple(fold.val_samples[["mask", "gender"]].iloc[i])
 
 
 def test_extra_table_with_unknown_labels(synthetic_data, tmp_path):
@@ -259,6 +249,7 @@ def test_16_bit_pngs_decode_to_their_8_bit_photo_not_white(tmp_path):
         assert cached[k].min() < 200, name
 
 
+@pytest.mark.slow
 def test_a_tiny_photo_is_refused_by_name_and_skip_bad_leaves_it_out(data_copy, tmp_path):
     tiny = photo(data_copy, "mask2", 6)
     Image.new("RGB", (1, 1), (90, 60, 30)).save(tiny, format="PNG" if tiny.suffix == ".png" else "JPEG")

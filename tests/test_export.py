@@ -18,6 +18,7 @@ from PIL import Image
 from mtl import export, labels, model
 from mtl.cli import main_guard
 from mtl.predictor import Predictor
+from tests.helpers import ROOT
 from tests.tiny_checkpoints import untrained_checkpoint
 
 # every architecture and every head: linear, ML-decoder, ArcFace's cosine head (from an arcface loss)
@@ -114,7 +115,7 @@ def test_the_readme_deployment_example_runs(exported, synthetic_data, tmp_path):
     shutil.copy(path, tmp_path / "model.onnx")
     shutil.copy(path.with_suffix(".json"), tmp_path / "model.json")
     shutil.copy(sorted((synthetic_data / "eval" / "images").iterdir())[0], tmp_path / "me.jpg")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme[readme.index("## Export"):], re.S).group(1)
     printed, before = io.StringIO(), os.getcwd()
     os.chdir(tmp_path)
@@ -136,6 +137,7 @@ class UnexportableHead(model.LinearHead):
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.slow
 def test_a_part_that_cannot_be_exported_is_named_and_nothing_is_written(tmp_path, monkeypatch, capsys, fmt):
     monkeypatch.setitem(model.HEADS, "unexportable", UnexportableHead)
     ckpt = untrained_checkpoint(tmp_path / "fixed.pt", head="unexportable")
@@ -159,6 +161,6 @@ def test_bad_arguments_exit_2_before_any_export(tmp_path, capsys):
                           (["--checkpoint", str(ckpt), "--out", str(tmp_path / "m.json")], "not ending in .json"),
                           (["--checkpoint", str(ckpt), "--out", str(tmp_path / "no" / "m.onnx")], "does not exist")):
         with pytest.raises(SystemExit) as exit_info:
-            main_guard(lambda: export.main(argv))
+            main_guard(lambda argv=argv: export.main(argv))
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]

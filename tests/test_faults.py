@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_command
+
+from tests.helpers import ROOT, run_command
 
 pytestmark = pytest.mark.faults
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 EPOCHS = 5
 STEPS_PER_EPOCH = 5  # 168 training photos in batches of 32, the last one dropped
 SEED = 20240611
@@ -47,7 +47,7 @@ class Runner:
     """tests/fault_runner.py: start a training process, optionally kill it, return its exit status."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_runner.py")], cwd=ROOT, env=ENV,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fault_runner"], cwd=ROOT, env=ENV,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
 
     def reply(self, timeout=TIMEOUT):
@@ -127,6 +127,7 @@ def fault_data(tmp_path_factory):
                           size=(64, 80), progress=False, workers=1)
 
 
+@pytest.mark.slow
 def test_kills_at_any_moment_lose_nothing(fault_data, tmp_path):
     cache, ref, out = tmp_path / "cache", tmp_path / "reference", tmp_path / "killed"
     runner = Runner()  # NOTE: imports while the reference run trains

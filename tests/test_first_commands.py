@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, free_port
 
 
 def readme_commands() -> list[str]:
@@ -22,15 +21,18 @@ def readme_commands() -> list[str]:
     return [line.strip() for line in block.splitlines()]
 
 
-def test_readme_opens_with_the_two_commands_and_ci_runs_the_second_verbatim():
+def test_readme_opens_with_the_two_commands_and_ci_lints_then_runs_the_second_verbatim():
     commands = readme_commands()
     assert len(commands) == 2
     assert commands[0].startswith("pip install -r requirements.txt") and "demo.py" in commands[0]
     assert commands[1].startswith("pip install -r requirements-dev.txt") and "pytest" in commands[1]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert commands[1] in ci_lines
+    lint = [i for i, line in enumerate(ci_lines) if line.endswith("ruff check .")]
+    assert lint and lint[0] < ci_lines.index(commands[1])  # the linter first: a lint error fails CI in seconds
 
 
+@pytest.mark.slow
 def test_demo_makes_data_trains_predicts_and_says_where_everything_is(tmp_path, monkeypatch):
     from mtl import demo
     monkeypatch.chdir(tmp_path)
@@ -51,12 +53,6 @@ def test_demo_makes_data_trains_predicts_and_says_where_everything_is(tmp_path, 
     assert again["out"] == Path("runs/demo-2") and (tmp_path / "runs" / "demo-2" / "best.pt").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get_json(url):
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
@@ -66,7 +62,7 @@ def test_tensorboard_command_serves_the_runs_scalars_and_images(trained_run, tmp
     """The real `tensorboard` command, started as a user would, answers with the run's scalar and image tags."""
     exe = Path(sys.executable).parent / "tensorboard"
     command = [str(exe) if exe.exists() else "tensorboard", "--logdir", trained_run["out"], "--host", "127.0.0.1",
-               "--port", str(_free_port()), "--reload_interval", "1"]
+               "--port", str(free_port()), "--reload_interval", "1"]
     port = command[-3]
     log = tmp_path / "tensorboard.log"
     with open(log, "w") as out:

@@ -10,15 +10,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import gpu_check  # noqa: E402
-import gpu_stages  # noqa: E402
+from bench import gpu_check, gpu_stages
+from tests.helpers import ROOT
 
 SKIPPED_ON_CPU = {"train_fp16", "train_compile"}
 
@@ -26,7 +22,7 @@ SKIPPED_ON_CPU = {"train_fp16", "train_compile"}
 def run_check(tmp_path, *args, timeout=900):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out),
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(out),
                            "--work", str(tmp_path / "work"), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else None
@@ -39,6 +35,7 @@ def quick_check(tmp_path_factory):
     return run_check(tmp_path_factory.mktemp("gpu_check"))
 
 
+@pytest.mark.slow
 def test_cpu_quick_mode_passes_every_stage(quick_check):
     done, report, out = quick_check
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -54,6 +51,7 @@ def test_cpu_quick_mode_passes_every_stage(quick_check):
     assert "## Architectures" in markdown and "## Our training step" in markdown and "## DataLoader" in markdown
 
 
+@pytest.mark.slow
 def test_cpu_twin_resumes_bitwise_and_compares_predictions(quick_check):
     stages = quick_check[1]["stages"]
     for name in ("train_fp32", "train_bf16"):
@@ -70,6 +68,7 @@ def test_cpu_twin_resumes_bitwise_and_compares_predictions(quick_check):
     assert runs["ddp_one_rank"]["ok"] and runs["ddp_one_rank"]["backend"] == "gloo" and runs["torchrun 1 process"]["ok"]
 
 
+@pytest.mark.slow
 def test_cpu_twin_measures_each_speed(quick_check):
     stages = quick_check[1]["stages"]
     speed = {(r["arch"], r["precision"]): r for r in stages["speed_archs"]["rows"]}
@@ -102,6 +101,7 @@ def test_a_stage_that_raises_is_recorded_and_the_next_still_runs(tmp_path, monke
     assert records["after"]["status"] == "ok" and records["after"]["summary"] == "ran on cpu"
 
 
+@pytest.mark.slow
 def test_an_overrunning_stage_is_stopped_and_the_next_still_runs(tmp_path):
     done, report, out = run_check(tmp_path, "--only", "environment", "pinned_loader", "--limit", "environment=0",
                                   "--grace", "0", timeout=600)
@@ -127,16 +127,17 @@ def test_stages_the_budget_cannot_fit_are_skipped(tmp_path):
     (["--device", "tpu"], "--device must be cuda, cuda:N or cpu"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, args, message):
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(tmp_path), *args],
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--out", str(tmp_path), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: ") and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "gpu_check.json").exists()
 
 
+@pytest.mark.slow
 def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "--device cpu --quick" in done.stderr

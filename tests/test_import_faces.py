@@ -15,8 +15,9 @@ from mtl.dataset import FaceDataset, load_fold
 from mtl.losses import build_loss, class_counts
 from mtl.model import create_model
 from mtl.transforms import eval_transform, make_preprocess
+from tests.helpers import SHARED
 
-UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface-dev"
+UTKFACE = SHARED / "data" / "utkface-dev"
 # (age, gender) of the UTKFace-named photos the tests import: every age group, both genders
 WANTED = [(23, 0), (27, 1), (41, 0), (45, 1), (66, 0), (72, 1)]
 SIZE = (40, 52)

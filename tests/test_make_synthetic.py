@@ -15,8 +15,8 @@ from PIL import Image
 
 from data_tools import make_synthetic as ms
 from mtl import labels
+from tests.helpers import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = (48, 64)
 
 
@@ -92,6 +92,29 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert all((runs["a"] / f).read_bytes() == (runs["b"] / f).read_bytes() for f in files_a)  # workers: same bytes
 
 
+# NOTE: sha256 digests of what make_synthetic drew and wrote at commit 19f8528, before `_draw_person` was split into
+# one function per part of the face; numpy and pillow are pinned (requirements.txt), so they move only if drawing does
+DRAWN_SHA256 = "ebf48663b132b92dc62dfcc6762028a7a7f4b6a78083704e5cbd4c1e34f804a1"
+WRITTEN_SHA256 = "91c313a10b3c2688dbe7ad7da39e84a3affc55c62126d71be74b23ebf68e5dd7"
+
+
+def test_photos_and_files_are_byte_identical_to_the_reference(tmp_path):
+    rng = np.random.default_rng(11)
+    people = ms.sample_people(16, rng)  # NOTE: long and short hair, bangs, receding, stubble, glasses, ages 18..60
+    assert {p.hair_style for p in people} == {"long", "short"} and all(any(getattr(p, k) for p in people) for k in
+                                                                       ("bangs", "recedes", "stubble", "glasses"))
+    drawn = hashlib.sha256()
+    for person in people:
+        for stem in labels.PHOTO_STEMS:
+            drawn.update(np.asarray(ms.draw_photo(person, stem, ms.sample_view(rng), (72, 96))).tobytes())
+    assert drawn.hexdigest() == DRAWN_SHA256
+    out = ms.make_synthetic(tmp_path / "d", people=4, seed=5, eval_people=1, size=(64, 80), progress=False, workers=1)
+    written = hashlib.sha256()
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        written.update(str(path.relative_to(out)).encode() + b"\0" + path.read_bytes())
+    assert written.hexdigest() == WRITTEN_SHA256
+
+
 def test_label_mix_is_skewed_like_the_real_data():
     ages = ms.sample_ages(4000, np.random.default_rng(0))
     assert ages.min() >= 18 and ages.max() == 60
@@ -128,7 +151,7 @@ def test_mask_state_is_drawn_where_it_should_be():
         photos = {stem: ms.draw_photo(person, stem, view, size) for stem in ("normal", "mask1", "incorrect_mask")}
         box = ms.face_box(person, view, size)
 
-        def diff(stem, *region):
+        def diff(stem, *region, photos=photos, box=box):
             return np.abs(_region(photos[stem], box, *region) - _region(photos["normal"], box, *region)).mean()
         mouth, nose, hair = (0.3, 0.76, 0.7, 0.84), (0.44, 0.56, 0.56, 0.63), (0.42, 0.01, 0.58, 0.06)
         assert diff("mask1", *mouth) > 20 and diff("incorrect_mask", *mouth) > 20   # both cover the mouth
@@ -159,7 +182,7 @@ def test_hair_greys_with_age():
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "data_tools.make_synthetic", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

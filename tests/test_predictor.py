@@ -19,10 +19,9 @@ from data_tools import crop_faces
 from mtl import face_crop, predict
 from mtl.errors import ConfigError
 from mtl.predictor import Predictor
-from tests.helpers import run_command
+from tests.helpers import ROOT, SHARED, run_command
 
-ROOT = Path(__file__).resolve().parents[1]
-UTKFACE = ROOT.parent / "shared" / "data" / "utkface-dev"
+UTKFACE = SHARED / "data" / "utkface-dev"
 CROP = face_crop.crop_settings(0.2, (60, 80))  # NOTE: cut at 60x80, then resized to the model's 48x64 load size
 
 

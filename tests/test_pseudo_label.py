@@ -10,12 +10,10 @@ import pandas as pd
 import pytest
 
 from data_tools import pseudo_label
-from mtl import checkpoint, data, labels, predict
+from mtl import checkpoint, data, labels
 from mtl.cli import main_guard
 from mtl.dataset import FaceDataset, load_fold
-from tests.helpers import run_command
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_command
 
 
 def run_pl(*args, cache_dir=None) -> dict:
@@ -53,7 +51,7 @@ def no_forward(monkeypatch):
     """Make any model forward fail the test: bad input must be refused before compute."""
     def refuse(*_, **__):
         raise AssertionError("a model ran on bad input")
-    monkeypatch.setattr(predict, "predict_members", refuse)
+    monkeypatch.setattr("mtl.members.predict_members", refuse)
 
 
 def eval_subset(synthetic_data, dest, n=6) -> Path:
@@ -154,7 +152,7 @@ def test_pseudo_labels_join_the_training_photos(labelled, best, synthetic_data, 
 
 # ---------------------------------------------------------------- known probabilities, no model
 def fake_members(probs):
-    """A stand-in for predict.predict_members that answers the given per-task probabilities."""
+    """A stand-in for members.predict_members that answers the given per-task probabilities."""
     def answer(members, samples, *_, **__):
         assert len(samples) == len(probs["mask"])
         return [{k: np.asarray(v, dtype=np.float32) for k, v in probs.items()} for _ in members]
@@ -173,7 +171,7 @@ KNOWN = {  # six photos: what the model says, and what the table must hold at ba
 
 def test_known_probabilities_give_the_expected_table(best, synthetic_data, cache_dir, tmp_path, monkeypatch):
     root = eval_subset(synthetic_data, tmp_path / "data")
-    monkeypatch.setattr(predict, "predict_members", fake_members(KNOWN))
+    monkeypatch.setattr("mtl.members.predict_members", fake_members(KNOWN))
     result = run_pl("--checkpoint", best, "--data", root, "--out", root / "extra.csv", cache_dir=cache_dir)
     written = pd.read_csv(root / "extra.csv", dtype=str)
     ids = result["image_ids"]
@@ -205,7 +203,7 @@ def test_known_probabilities_give_the_expected_table(best, synthetic_data, cache
 def test_nothing_confident_writes_nothing(best, synthetic_data, cache_dir, tmp_path, monkeypatch, capsys):
     root = eval_subset(synthetic_data, tmp_path / "data")
     flat = {"mask": np.full((6, 3), 1 / 3), "gender": np.full((6, 2), 0.5), "age": np.full((6, 3), 1 / 3)}
-    monkeypatch.setattr(predict, "predict_members", fake_members(flat))
+    monkeypatch.setattr("mtl.members.predict_members", fake_members(flat))
     out = tmp_path / "extra.csv"
     assert exit_code(["--checkpoint", best, "--data", root, "--out", out, "--cache-dir", cache_dir]) == 2
     err = capsys.readouterr().err

@@ -94,6 +94,7 @@ def test_missing_train_csv_exits_2_naming_it(small_data, tmp_path, capsys):
     assert "train.csv not found" in err and str(root) in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_implausible_data_is_named_as_the_loader_names_it(small_data, tmp_path, capsys):
     root = shutil.copytree(small_data, tmp_path / "data")
     csv = root / "train" / "train.csv"

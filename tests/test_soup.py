@@ -7,7 +7,9 @@ import torch
 
 from mtl import checkpoint, predict, soup
 from mtl.errors import ConfigError
+from mtl.members import predict_members
 from mtl.metrics import score
+from mtl.reports import truth_of, validation_fold
 
 
 def quiet(*args):
@@ -34,10 +36,10 @@ def made(ingredients, synthetic_data, cache_dir, tmp_path_factory):
 
 def test_soup_never_scores_below_its_best_ingredient(made, ingredients, synthetic_data, cache_dir):
     members = [checkpoint.load(p) for p in [made["out"], *ingredients]]
-    samples, sources, _ = predict.validation_fold(members, synthetic_data, fold=0, cache_dir=cache_dir,
+    samples, sources, _ = validation_fold(members, synthetic_data, fold=0, cache_dir=cache_dir,
                                                   workers=0, progress=False, log=lambda *_: None)
-    probs = predict.predict_members(members, samples, sources, workers=0, progress=False)
-    truth = {k: v for k, v in predict.truth_of(samples, 60).items() if k in ("mask", "gender", "age")}
+    probs = predict_members(members, samples, sources, workers=0, progress=False)
+    truth = {k: v for k, v in truth_of(samples, 60).items() if k in ("mask", "gender", "age")}
     f1 = [score(p, truth, 60)["f1"] for p in probs]
     assert f1[0] >= max(f1[1:]) - 1e-9, f1
     assert f1[0] == pytest.approx(made["metrics"]["f1"], abs=1e-9)
@@ -107,3 +109,16 @@ def test_a_glob_matching_nothing_is_named(synthetic_data, tmp_path):
     with pytest.raises(ConfigError, match="matches no file"):
         soup.make_soup(args, log=lambda *_: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fold_and_tta_flags_read_as_predict_and_pseudo_label_read_them():
+    from data_tools import pseudo_label
+    common = ["--checkpoint", "a.pt", "--tta", "hflip", "--fold", "2", "--folds", "4", "--seed", "7", "--relabel",
+              "none", "--skip-bad"]
+    keys = ("tta", "fold", "folds", "seed", "relabel", "skip_bad")
+    read = [vars(p.get_args_parser().parse_args(common)) for p in (predict, soup)]
+    assert [{k: r[k] for k in keys} for r in read] == [dict(zip(keys, (["hflip"], 2, 4, 7, "none", True)))] * 2
+    ours = vars(pseudo_label.get_args_parser().parse_args(["--checkpoint", "a.pt", "--out", "x.csv", "--tta", "hflip",
+                                                            "--weights", "1", "2"]))
+    assert (ours["tta"], ours["weights"]) == (["hflip"], [1.0, 2.0])
+    assert vars(predict.get_args_parser().parse_args(["--checkpoint", "a.pt"]))["tta"] == ["none"]

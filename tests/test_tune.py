@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,8 +31,8 @@ from mtl.train import TrainingError
 from mtl.tune import TuneSettings, check_settings
 from mtl.tune import space as search_space
 from mtl.tune import study as tune_study
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"loss_weights": {"type": "loss_weights", "low": 0.2, "high": 5.0},
          "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
 
@@ -107,6 +106,7 @@ def real_study(args, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_study_writes_every_output(real_study):
     table = trials_csv(real_study)
     assert list(table["number"]) == [0, 1, 2, 3] and set(table["state"]) == {"COMPLETE"}
@@ -124,6 +124,7 @@ def test_study_writes_every_output(real_study):
     assert "top trials of study 'mtl':" in printed and " rank  trial " in printed and "4 complete" in printed
 
 
+@pytest.mark.slow
 def test_study_names_its_objective_and_records_the_weights_trained(real_study):
     study = optuna.load_study(study_name="mtl", storage=f"sqlite:///{real_study / 'study.db'}")
     assert study.metric_names == ["val_f1_18"]  # what optuna-dashboard calls the objective
@@ -131,12 +132,6 @@ def test_study_names_its_objective_and_records_the_weights_trained(real_study):
         raw = [t.params[f"loss_weight_{task}"] for task in ("mask", "gender", "age")]
         shown = [t.user_attrs[f"loss_weight_{task}_normalized"] for task in ("mask", "gender", "age")]
         assert shown == search_space.normalize_weights(raw) == t.user_attrs["config"]["loss_weights"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hparams_tab(logdir, sessions: int):
@@ -173,6 +168,7 @@ def hparams_tab(logdir, sessions: int):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_tensorboard_shows_each_trial_once_with_its_searched_values(real_study):
     columns, runs, total = hparams_tab(real_study, sessions=4)
     searched = ["loss_weight_age_normalized", "loss_weight_gender_normalized", "loss_weight_mask_normalized", "lr"]
@@ -188,6 +184,7 @@ def test_tensorboard_shows_each_trial_once_with_its_searched_values(real_study):
     assert list(board.glob("events.out.tfevents.*"))  # study/f1 and study/best_f1 by trial number
 
 
+@pytest.mark.slow
 def test_best_yaml_trains(real_study, tmp_path, monkeypatch):
     best = yaml.safe_load((real_study / "best.yaml").read_text())
     table = trials_csv(real_study)
@@ -202,6 +199,7 @@ def test_best_yaml_trains(real_study, tmp_path, monkeypatch):
     assert config.load_yaml(tmp_path / "run" / "config.yaml")["loss_weights"] == best["loss_weights"]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_journal(args, tmp_path):
     out = tmp_path / "study"  # this process is worker 0; worker 1 is a spawned process
     assert run_tune(args(out, "--trials", 2, "--epochs", 1, "--workers", 2)) == 0
@@ -215,6 +213,7 @@ def test_two_workers_share_one_journal(args, tmp_path):
 
 
 # ---------------------------------------------------------------- scripted training
+@pytest.mark.slow
 def test_rerun_continues_and_stops_at_trials(args, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mtl.train, "train", scripted_train())
     out = tmp_path / "study"
@@ -227,6 +226,7 @@ def test_rerun_continues_and_stops_at_trials(args, tmp_path, monkeypatch, capsys
     assert list(table["number"]) == [0, 1, 2, 3, 4] and set(table["state"]) == {"COMPLETE"}
 
 
+@pytest.mark.slow
 def test_failed_trial_is_recorded_and_the_study_goes_on(args, tmp_path, monkeypatch):
     monkeypatch.setattr(mtl.train, "train", scripted_train(fail_on={1}))
     out = tmp_path / "study"
@@ -237,6 +237,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(args, tmp_path, monkeypa
     assert table.loc[1, "epochs_run"] == 1
 
 
+@pytest.mark.slow
 def test_trials_failing_in_a_row_stop_the_study(args, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mtl.train, "train", scripted_train(fail_on=range(100)))
     out = tmp_path / "study"
@@ -245,6 +246,7 @@ def test_trials_failing_in_a_row_stop_the_study(args, tmp_path, monkeypatch, cap
     assert list(trials_csv(out)["state"]) == ["FAIL", "FAIL"]
 
 
+@pytest.mark.slow
 def test_interrupted_study_is_kept_and_resumes(args, tmp_path, monkeypatch):
     monkeypatch.setattr(mtl.train, "train", scripted_train(interrupt_on={1}))
     out = tmp_path / "study"
@@ -256,6 +258,7 @@ def test_interrupted_study_is_kept_and_resumes(args, tmp_path, monkeypatch):
     assert list(trials_csv(out)["state"]) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
 
 
+@pytest.mark.slow
 def test_process_done_while_another_runs_the_last_trial_exits_0(args, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mtl.train, "train", scripted_train())
     out = tmp_path / "study"
@@ -290,6 +293,7 @@ def test_heartbeat_grace_must_outlast_the_interval(args, tmp_path, capsys):
     assert "--heartbeat-grace (30 s) must be longer than --heartbeat-interval (60 s)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_weak_trials_early(args, tmp_path, monkeypatch):
     monkeypatch.setattr(mtl.train, "train", scripted_train())
     out = tmp_path / "study"
@@ -301,6 +305,7 @@ def test_median_pruner_stops_weak_trials_early(args, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, pruned_at", [((), 4), (("--pruner-warmup", 3), 3)])
+@pytest.mark.slow
 def test_median_pruner_waits_half_the_epochs_or_the_warmup_given(args, tmp_path, monkeypatch, flags, pruned_at):
     monkeypatch.setattr(mtl.train, "train", scripted_train())
     out = tmp_path / "study"

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -15,7 +14,8 @@ import pytest
 import yaml
 from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.faults
 
 
@@ -35,7 +35,7 @@ def command(tmp_path_factory, cache_dir):
 
 
 def start(argv, log):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "tune.py", *argv], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
@@ -52,6 +52,7 @@ def mid_trial(proc, out, skip=(), timeout=300) -> int:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigint_mid_study_lose_nothing(command, tmp_path):
     out = tmp_path / "study"
     with open(tmp_path / "run1.log", "w") as log:

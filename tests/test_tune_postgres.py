@@ -16,7 +16,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ import pytest
 import yaml
 from conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, free_port
+
 pytestmark = pytest.mark.faults
 
 
@@ -58,12 +58,6 @@ def _user_exists(name) -> bool:
     except KeyError:
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +119,7 @@ def argv(files, storage, out):
 
 def start(files, storage, out, log):
     """One machine's `tune.py` (a real process), its output into `log`."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "tune.py", *argv(files, storage, out)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
@@ -151,6 +145,7 @@ def wait_for(condition, what, timeout=300):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_two_machines_share_a_study_on_postgresql_and_one_dies(postgres, files, tmp_path):
     storage = postgres("study")
     outs = {name: tmp_path / name for name in ("a", "b")}

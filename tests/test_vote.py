@@ -10,8 +10,8 @@ import pytest
 from mtl import vote
 from mtl.cli import main_guard
 from mtl.errors import ConfigError, DataError
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 IDS = [f"{i:04x}.jpg" for i in range(6)]
 
 

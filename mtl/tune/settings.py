@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mtl.config import CONFIGS
 from mtl.errors import ConfigError, MTLError
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "configs" / "search_space.yaml"
+DEFAULT_SPACE = CONFIGS / "search_space.yaml"
 
 PRUNERS = ("median", "hyperband", "none")
 
