@@ -575,7 +575,7 @@ def fake_batch(ctx, n, size):
     ages = torch.randint(18, 80, (n,), generator=g)
     batch = {"image": image, "mask": torch.randint(0, 3, (n,), generator=g),
              "gender": torch.randint(0, 2, (n,), generator=g), "age_group": (ages >= 30).long() + (ages >= 60).long(),
-             "age": ages.float()}
+             "age_years": ages.float()}
     return {k: v.to(ctx.device) for k, v in batch.items()}
 
 

@@ -37,7 +37,7 @@ from mtl.metrics import score
 from mtl.model import model_from_config, normalization, unwrap
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
-TARGET_KEYS = ("mask", "gender", "age_group", "age")
+TARGET_KEYS = ("mask", "gender", "age_group", "age_years")
 RUN_FILES = ("last.pt", "best.pt", "metrics.json", "config.yaml", "hparams")
 LOG_EVERY = 10  # optimizer steps between points of the train/* curves (and one at each epoch's end)
 
@@ -244,9 +244,7 @@ def evaluate(state) -> tuple[dict, dict]:
     joined = {k: np.concatenate([p[1][k] for p in parts]) for k in probs}
     inverse = np.argsort(order)
     joined = {k: v[inverse] for k, v in joined.items()}
-    val = state["val_set"]
-    truth = {"mask": val.mask, "gender": val.gender, "age": val.age}
-    return score(joined, truth, state["cfg"].age_threshold), joined
+    return score(joined, state["val_set"].truth(), state["schema"]), joined
 
 
 # ---------------------------------------------------------------- logging
@@ -254,17 +252,15 @@ def log_epoch_images(writer, state, metrics, probs, epoch, step):
     """Confusion matrices per task and for the 18 classes, and a grid of misclassified validation photos."""
     from mtl.metrics import confusion, predict_classes
     from mtl.plots import confusion_figure, photo_grid
-    val = state["val_set"]
-    threshold = state["cfg"].age_threshold
+    val, schema = state["val_set"], state["schema"]
     pred = predict_classes(probs)
-    truth_joint = labels.encode(val.mask, val.gender, val.age_group)
-    parts = dict(zip(labels.TASKS, labels.decode(pred)))
+    truth_joint = schema.encode(val.mask, val.gender, val.age_group)
+    parts = dict(zip(labels.TASKS, schema.decode(pred)))
     truths = {"mask": val.mask, "gender": val.gender, "age": val.age_group}
-    for task in labels.TASKS:
-        names = labels.TASK_CLASSES[task]
+    for task, names in schema.class_names.items():
         cm = confusion(truths[task], parts[task], len(names))
         writer.add_figure(f"confusion/{task}", confusion_figure(cm, names, f"{task} (epoch {epoch})"), step)
-    names18 = [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    names18 = schema.joint_names
     writer.add_figure("confusion/18_classes", confusion_figure(confusion(truth_joint, pred, labels.NUM_JOINT),
                                                               names18, f"18 classes (epoch {epoch})"), step)
     wrong = np.flatnonzero(pred != truth_joint)
@@ -273,10 +269,10 @@ def log_epoch_images(writer, state, metrics, probs, epoch, step):
         confidence = recombine(probs)[wrong, pred[wrong]]
         worst = wrong[np.argsort(-confidence)][:state["cfg"].log_images]
         images = [val.pixels(i) for i in worst]
-        captions = [f"true {labels.class_name(truth_joint[i])}\npred {labels.class_name(pred[i])} "
-                    f"({recombine(probs)[i, pred[i]]:.2f})" for i in worst]
-        writer.add_figure("misclassified", photo_grid(images, captions, f"most confident mistakes, epoch {epoch} "
-                                                                        f"(age threshold {threshold})"), step)
+        captions = [f"true {names18[truth_joint[i]]}\npred {names18[pred[i]]} ({recombine(probs)[i, pred[i]]:.2f})"
+                    for i in worst]
+        title = f"most confident mistakes, epoch {epoch} (age threshold {schema.age_threshold})"
+        writer.add_figure("misclassified", photo_grid(images, captions, title), step)
 
 
 def summary_line(epoch, cfg, stats, metrics, seconds, best):
@@ -345,14 +341,14 @@ def build_state(cfg: TrainConfig, resume, out: Path, rank: int, world: int, devi
                      progress=cfg.progress and rank == 0, log=log if rank == 0 else (lambda *_: None))
     if len(fold.train_samples) == 0 or len(fold.val_samples) == 0:
         raise ConfigError(f"fold {cfg.fold} of {cfg.folds} leaves no training or no validation photos")
-    train_set = FaceDataset(fold.train_samples, fold.train_images, train_transform(preprocess, cfg.augment),
-                            cfg.age_threshold)
-    val_set = FaceDataset(fold.val_samples, fold.val_images, eval_transform(preprocess), cfg.age_threshold)
+    schema = labels.LabelSchema(cfg.age_threshold)  # NOTE: the one place a run's age groups are defined
+    train_set = FaceDataset(fold.train_samples, fold.train_images, train_transform(preprocess, cfg.augment), schema)
+    val_set = FaceDataset(fold.val_samples, fold.val_images, eval_transform(preprocess), schema)
     if cfg.oversample_old:
         old_rows = np.flatnonzero(train_set.age_group == 2)
         train_set = train_set.oversampled(old_rows, cfg.oversample_old,
                                           train_transform(preprocess, cfg.oversample_augment))
-        log(f"--oversample-old {cfg.oversample_old}: {len(old_rows)} photos of people aged {cfg.age_threshold}+ "
+        log(f"--oversample-old {cfg.oversample_old}: {len(old_rows)} photos of people aged {schema.age_names[2]} "
             f"repeated {cfg.oversample_old} more time(s) with the {cfg.oversample_augment!r} augmentation")
 
     loss_fn = build_loss(cfg.losses, cfg.arch, class_counts(train_set.targets()), cfg.loss_weights,
@@ -374,7 +370,7 @@ def build_state(cfg: TrainConfig, resume, out: Path, rank: int, world: int, devi
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.ema)
 
-    state = {"cfg": cfg, "rank": rank, "world": world, "device": device, "dtype": dtype, "out": out,
+    state = {"cfg": cfg, "rank": rank, "world": world, "device": device, "dtype": dtype, "out": out, "schema": schema,
              "channels_last": channels_last, "preprocess": preprocess, "train_set": train_set, "val_set": val_set,
              "loss_fn": loss_fn, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema,
              "raw_model": model, "step": 0, "start_epoch": 1, "best": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -477,7 +473,7 @@ def checkpoint_dict(state, epoch, metrics, full: bool) -> dict:
     cfg = state["cfg"]
     raw = state["raw_model"]
     weights = state["ema"].module.state_dict() if (state["ema"] is not None and not full) else raw.state_dict()
-    out = {"model": weights, "config": {**cfg.to_dict(), "resume": None}, "schema": ckpt_io.schema_for(cfg),
+    out = {"model": weights, "config": {**cfg.to_dict(), "resume": None}, "schema": state["schema"].to_dict(),
            "preprocess": state["preprocess"], "epoch": epoch, "metrics": metrics}
     if full:
         out.update(optimizer=state["optimizer"].state_dict(), scheduler=state["scheduler"].state_dict(),
