@@ -126,6 +126,21 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
         assert all(torch.equal(va[s], vb[s]) for s in va)
 
 
+def test_progress_counts_the_best_epoch_and_early_stopping():
+    from mtl.train import Progress
+    progress = Progress()
+    assert [progress.record(e, {"f1": f1}) for e, f1 in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.4))] == \
+        [True, True, False, False]
+    assert (progress.best, progress.best_epoch, progress.bad_epochs) == (0.5, 2, 2)
+    assert progress.best_metrics == {"f1": 0.5, "epoch": 2}
+    assert progress.stopped(2) and not progress.stopped(3) and not progress.stopped(0)
+    # last.pt's train_state: the keys every earlier version wrote, read back as they were
+    old = {"step": 40, "best": 0.5, "best_epoch": 2, "bad_epochs": 2, "best_metrics": {"f1": 0.5, "epoch": 2}}
+    again = Progress()
+    again.load_state_dict(old)
+    assert again == progress.__class__(**old) and again.state_dict() == old
+
+
 class _Stop(Exception):
     pass
 
