@@ -237,6 +237,9 @@ def joint_consistency(targets) -> torch.Tensor:
     return ok
 
 
+WEIGHTINGS = ("fixed", "uncertainty")  # the --loss-weighting choices: given weights, or learned ones (MultiTaskLoss)
+
+
 class MultiTaskLoss(nn.Module):
     """Weighted (or uncertainty-weighted) sum of the per-task losses over one batch."""
 

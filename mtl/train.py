@@ -495,6 +495,9 @@ def reconcile_best(run: Run, resume, log=print):
         atomic_write_text(json.dumps(run.progress.best_metrics, indent=2), out / "metrics.json")
 
 
+SAMPLERS = ("none", "balanced")  # the --sampler choices: how train_loader_for draws an epoch's photos
+
+
 def train_loader_for(run: Run, epoch: int):
     """The training loader of one epoch, seeded by (seed, epoch) so a resumed run replays the same batches."""
     cfg, world, rank, train_set = run.cfg, run.world, run.rank, run.train_set

@@ -201,7 +201,7 @@ def test_existing_run_is_never_overwritten(trained_run):
     (["--age-threshold", "120"], "--age-threshold must be from 31 to 99"),
     (["--arch", "twoheads"], "--arch must be one of"),
     (["--fold", "7"], "--fold must be from 0 to 4"),
-    (["--augment", "wild"], "unknown augment preset 'wild'"),
+    (["--augment", "wild"], "--augment must be one of none, flip, baseline"),
     (["--age-loss", "focal:beta=2"], "has no option(s) beta"),
 ])
 def test_bad_flags_give_one_line_errors(flags, message, capsys):
