@@ -577,7 +577,7 @@ def fake_batch(ctx, n, size):
     ages = torch.randint(18, 80, (n,), generator=g)
     batch = {"image": image, "mask": torch.randint(0, 3, (n,), generator=g),
              "gender": torch.randint(0, 2, (n,), generator=g), "age_group": (ages >= 30).long() + (ages >= 60).long(),
-             "age": ages.float()}
+             "age_years": ages.float()}
     return {k: v.to(ctx.device) for k, v in batch.items()}
 
 
@@ -604,13 +604,11 @@ def our_step(ctx, amp):
                         "pretrained": False, "amp": amp, "device": ctx.args.device, "workers": ctx.sizes["workers"],
                         "progress": False, "channels_last": True},
                        config_file=ROOT / "configs" / "efficientnet_b3.yaml")
-    state = setup(cfg, log=quiet)
-    state["writer"] = None  # NOTE: train_fold's TensorBoard writer; none here
+    state = setup(cfg, log=quiet)  # a train.Run
     batch = fake_batch(ctx, s["real_batch"], s["real_size"])
 
     def run(n):
-        state["train_loader"] = [batch] * n
-        return train_one_epoch(state, 1)
+        return train_one_epoch(state, [batch] * n, 1, writer=None)  # NOTE: no TensorBoard writer here
     return run, cfg, state
 
 
@@ -686,7 +684,7 @@ def train_step(ctx):
                 row["vs_timm"] = probe[(row["step"], row["cudnn_benchmark"])] / probe[("timm-style",
                                                                                         row["cudnn_benchmark"])]
         if amp == "fp16":
-            rows[-1]["grad_scale"] = float(state["scaler"].get_scale()) if state["scaler"].is_enabled() else None
+            rows[-1]["grad_scale"] = float(state.scaler.get_scale()) if state.scaler.is_enabled() else None
         del ours, runs, run, state  # NOTE: the next precision's models get the memory
         if ctx.cuda:
             torch.cuda.empty_cache()

@@ -39,7 +39,7 @@ class Bench:
         self.targets = {"mask": torch.randint(0, 3, (n,), device=device),
                         "gender": torch.randint(0, 2, (n,), device=device),
                         "age_group": torch.randint(0, 3, (n,), device=device),
-                        "age": torch.full((n,), 40.0, device=device)}
+                        "age_years": torch.full((n,), 40.0, device=device)}
         self.loss_fn = build_loss(LOSSES, arch, {k: [1] * c for k, c in (("mask", 3), ("gender", 2), ("age", 3),
                                                                          ("joint", 18))}).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)

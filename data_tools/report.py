@@ -41,21 +41,6 @@ LIST_LIMIT = 200  # NOTE: at most this many names per list in report.md; the sum
 
 
 # ---------------------------------------------------------------- reading
-def age_names(threshold: int) -> tuple[str, str, str]:
-    """Names of the three age groups at a threshold, e.g. ('<30', '30-58', '59+')."""
-    return f"<{labels.YOUNG_BELOW}", f"{labels.YOUNG_BELOW}-{threshold - 1}", f"{threshold}+"
-
-
-def class_names(threshold: int) -> list[str]:
-    """The 18 class names (labels.class_name) with the age groups of this threshold."""
-    ages = age_names(threshold)
-    names = []
-    for joint in range(labels.NUM_JOINT):
-        m, g, a = labels.decode(joint)
-        names.append(f"{labels.TASK_CLASSES['mask'][m]}/{labels.TASK_CLASSES['gender'][g]}/{ages[a]}")
-    return names
-
-
 def file_facts(path: str) -> dict:
     """sha1 of the bytes, bits per sample of a PNG, and the format, size and EXIF orientation from the header (no
     full decode)."""
@@ -99,7 +84,7 @@ def read_eval(root: Path) -> tuple[pd.DataFrame | None, list, list]:
     return table, errors, notes
 
 
-def read_eval_truth(root: Path, eval_table, threshold: int) -> tuple[pd.DataFrame | None, list]:
+def read_eval_truth(root: Path, eval_table, schema: labels.LabelSchema) -> tuple[pd.DataFrame | None, list]:
     """DATA/eval_truth.csv (ImageID + mask,gender,age or ans), as per-photo labels, or None; and [Problem]."""
     path = root / "eval_truth.csv"
     if not path.is_file() or eval_table is None:
@@ -108,7 +93,7 @@ def read_eval_truth(root: Path, eval_table, threshold: int) -> tuple[pd.DataFram
         truth = data.read_csv_checked(path, ("ImageID",), "eval_truth.csv")
         if {"mask", "gender", "age"} <= set(truth.columns):
             mask, gender = truth["mask"].astype(int), truth["gender"].astype(int)
-            group = labels.age_group(truth["age"].astype(int).to_numpy(), threshold)
+            group = schema.group(truth["age"].astype(int).to_numpy())
             truth = pd.DataFrame({"ImageID": truth["ImageID"], "mask": mask, "gender": gender, "age_group": group,
                                   "age": truth["age"].astype(int)})
         elif "ans" in truth.columns:
@@ -158,12 +143,12 @@ def collect(data_root, age_threshold=labels.DEFAULT_AGE_THRESHOLD, workers=4, pr
     root = Path(data_root).resolve()
     if not root.is_dir():
         raise DataError(f"data folder not found: {data_root}")
-    threshold = labels.check_threshold(age_threshold)
+    schema = labels.LabelSchema(age_threshold)  # NOTE: the age groups of every table and plot
     samples, errors = data.train_samples(root, log=lambda *_: None)
     people = data.read_people(root)
     eval_table, eval_errors, notes = read_eval(root)
     errors = errors + eval_errors
-    truth, truth_notes = read_eval_truth(root, eval_table, threshold)
+    truth, truth_notes = read_eval_truth(root, eval_table, schema)
     notes += truth_notes + unlisted_folders(root, people)
 
     paths = list(samples["image_path"]) + ([] if eval_table is None else list(eval_table["path"]))
@@ -173,11 +158,11 @@ def collect(data_root, age_threshold=labels.DEFAULT_AGE_THRESHOLD, workers=4, pr
     # NOTE: unusual but plausible ages; implausible ones (data.PLAUSIBLE_AGES) are already errors
     odd = people[people["age"].between(*data.PLAUSIBLE_AGES) & ((people["age"] < 10) | (people["age"] > 100))]
     notes += [Problem(str(root / "train" / "images" / p.path), f"age {p.age} looks wrong") for p in odd.itertuples()]
-    samples = samples.assign(age_group=labels.age_group(samples["age"].to_numpy(), threshold))
-    people = people.assign(age_group=labels.age_group(people["age"].to_numpy(), threshold))
-    return {"root": root, "threshold": threshold, "people": people, "samples": samples, "eval": eval_table,
-            "truth": truth, "files": files, "duplicates": duplicate_groups(files), "errors": errors,
-            "notes": notes}
+    samples = samples.assign(age_group=schema.group(samples["age"].to_numpy()))
+    people = people.assign(age_group=schema.group(people["age"].to_numpy()))
+    return {"root": root, "schema": schema, "threshold": schema.age_threshold, "people": people, "samples": samples,
+            "eval": eval_table, "truth": truth, "files": files, "duplicates": duplicate_groups(files),
+            "errors": errors, "notes": notes}
 
 
 # ---------------------------------------------------------------- tables
@@ -185,7 +170,7 @@ def class_table(facts) -> pd.DataFrame:
     """One row per 18-class label: train people and photos (and eval photos with eval_truth.csv)."""
     samples, truth = facts["samples"], facts["truth"]
     joint = labels.encode(samples["mask"].to_numpy(), samples["gender"].to_numpy(), samples["age_group"].to_numpy())
-    table = pd.DataFrame({"class": range(labels.NUM_JOINT), "name": class_names(facts["threshold"])})
+    table = pd.DataFrame({"class": range(labels.NUM_JOINT), "name": facts["schema"].joint_names})
     table["train people"] = [samples["person_id"][joint == c].nunique() for c in range(labels.NUM_JOINT)]
     table["train photos"] = np.bincount(joint, minlength=labels.NUM_JOINT) if len(joint) else 0
     if truth is not None:
@@ -197,8 +182,7 @@ def class_table(facts) -> pd.DataFrame:
 def task_tables(facts) -> dict:
     """{task: table of train people, train photos (and eval photos) per class of that task}."""
     samples, truth, people = facts["samples"], facts["truth"], facts["people"]
-    names = {"mask": labels.TASK_CLASSES["mask"], "gender": labels.TASK_CLASSES["gender"],
-             "age": age_names(facts["threshold"])}
+    names = facts["schema"].class_names
     columns = {"mask": "mask", "gender": "gender", "age": "age_group"}
     tables = {}
     for task, column in columns.items():
@@ -220,7 +204,7 @@ def gender_age_table(facts) -> pd.DataFrame:
     people = facts["people"]
     table = pd.crosstab(people["gender"], people["age_group"]).reindex(index=[0, 1], columns=[0, 1, 2], fill_value=0)
     table.index = list(labels.TASK_CLASSES["gender"])
-    table.columns = list(age_names(facts["threshold"]))
+    table.columns = list(facts["schema"].age_names)
     return table
 
 
@@ -254,14 +238,14 @@ def plot_classes(table: pd.DataFrame):
     return fig
 
 
-def plot_ages(people: pd.DataFrame, threshold: int):
+def plot_ages(people: pd.DataFrame, schema: labels.LabelSchema):
     """Histogram of people's ages, one bar per year, coloured by age group, the threshold marked."""
     from mtl.plots import plt
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     if len(people):
         ages = people["age"].to_numpy()
         bins = np.arange(ages.min(), ages.max() + 2) - 0.5
-        names = age_names(threshold)
+        names, threshold = schema.age_names, schema.age_threshold
         for group in range(3):
             chosen = ages[people["age_group"].to_numpy() == group]
             ax.hist(chosen, bins=bins, label=f"{names[group]} ({len(chosen)})", color=f"C{group}")
@@ -378,7 +362,7 @@ def write_report(facts, out_dir) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {"classes": "class_counts.png", "ages": "age_histogram.png", "gender_age": "gender_age.png"}
     save_png(plot_classes(class_table(facts)), out_dir / plots["classes"])
-    save_png(plot_ages(facts["people"], facts["threshold"]), out_dir / plots["ages"])
+    save_png(plot_ages(facts["people"], facts["schema"]), out_dir / plots["ages"])
     save_png(plot_gender_age(gender_age_table(facts)), out_dir / plots["gender_age"])
     return atomic_write_text(render(facts, plots), out_dir / "report.md")
 

@@ -1,10 +1,12 @@
 """Checkpoints: one dict holding everything needed to resume training or to rebuild the model for inference.
 
 Keys: format, model (plain state dict: no '_orig_mod.' or 'module.' prefixes), config (the
-resolved TrainConfig), schema (labels.schema at the run's age threshold), preprocess (the record
+resolved TrainConfig), schema (the run's labels.LabelSchema.to_dict()), preprocess (the record
 transforms.eval_transform rebuilds the input pipeline from), epoch (last finished, counting from
 1), metrics (validation metrics of that epoch); last.pt adds optimizer, scheduler, scaler, ema,
-loss (learned loss weights) and the early-stopping state.
+loss (learned loss weights) and train_state (train.Progress: steps, the best epoch, early stopping).
+`label_schema` reads the schema back (every version written so far): it is what inference uses; the
+config's age_threshold is the setting that made it, kept so the run can be repeated.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def load(path) -> dict:
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise ConfigError(f"{path}: not a checkpoint written by train_multitask.py")
     checkpoint["path"] = str(path)
+    if "schema" in checkpoint:
+        label_schema(checkpoint)  # NOTE: a schema this code cannot read stops here, before any compute
     return checkpoint
 
 
@@ -51,18 +55,25 @@ def build_model(checkpoint: dict):
     return model
 
 
+def label_schema(checkpoint: dict) -> labels.LabelSchema:
+    """The LabelSchema a checkpoint was trained with, or a one-line ConfigError naming the file."""
+    where = checkpoint.get("path", "checkpoint")
+    if "schema" not in checkpoint:
+        raise ConfigError(f"{where}: no label schema stored; it was not written by train_multitask.py")
+    try:
+        return labels.LabelSchema.from_dict(checkpoint["schema"])
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def threshold(checkpoint: dict) -> int:
-    """The age threshold a checkpoint was trained with."""
-    return int(checkpoint["schema"]["age_threshold"])
+    """The age threshold a checkpoint was trained with (label_schema(checkpoint).age_threshold)."""
+    return label_schema(checkpoint).age_threshold
 
 
-def check_same_schema(checkpoints):
-    """Raise if checkpoints disagree on the label schema or the age threshold (they cannot be ensembled)."""
-    first = checkpoints[0]
-    for other in checkpoints[1:]:
-        if other["schema"] != first["schema"]:
-            raise ConfigError(f"{other['path']} uses label schema {other['schema']} but {first['path']} uses "
-                              f"{first['schema']}: checkpoints of different schemas cannot be ensembled")
+def check_same_schema(checkpoints) -> labels.LabelSchema:
+    """The one label schema of the checkpoints, or a ConfigError if they differ (they cannot be ensembled)."""
+    return labels.check_same_schema([(c["path"], label_schema(c)) for c in checkpoints])
 
 
 def check_resumable(checkpoint: dict, cfg) -> None:
@@ -80,4 +91,5 @@ def check_resumable(checkpoint: dict, cfg) -> None:
 
 
 def schema_for(cfg) -> dict:
-    return labels.schema(cfg.age_threshold)
+    """The schema record of a config's runs (LabelSchema(cfg.age_threshold).to_dict())."""
+    return labels.LabelSchema(cfg.age_threshold).to_dict()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from mtl.errors import MTLError
@@ -76,105 +77,80 @@ def default_text(key, value) -> str:
     return str(value)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
-    """Every TrainConfig key as a flag (default None: only flags given override the YAML config).
+class _Names:
+    """A registry's names as --help prints them, read only when the help is (see config.registry)."""
 
-    --help shows each flag's default, read from configs/default.yaml (the one place defaults live).
+    def __init__(self, names):
+        self.names = names
+
+    def __str__(self):
+        return ", ".join(self.names())
+
+
+def _flag_type(kind):
+    """The argparse type of a TrainConfig field's type: int or float (of a list's items too), else text."""
+    import types
+    import typing
+    options = [a for a in typing.get_args(kind) if a is not type(None)] \
+        if typing.get_origin(kind) in (types.UnionType, typing.Union) else [kind]
+    kind = options[0]
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0]
+    return kind if kind in (int, float) else None
+
+
+def train_flags(values: dict):
+    """(group, flag, dest, shown default, argparse keywords, choices) of every TrainConfig field, from its schema."""
+    from mtl import config, labels
+    for field in dataclasses.fields(config.TrainConfig):
+        meta, key = field.metadata, field.name
+        group, text, known, keywords = meta["group"], meta["help"], meta["choices"], dict(meta["argparse"])
+        kind = config.TYPES[key]
+        if key == "losses":  # NOTE: one flag per task: --mask-loss focal:gamma=2 names only that task's loss
+            for task in labels.LOSS_TASKS:
+                yield (group, f"--{task}-loss", f"{task}_loss", default_text(key, values[key][task]),
+                       {**keywords, "help": text.format(task=task)}, None)
+            continue
+        switches = meta["flags"] or ({config.flag_name(key): True} if kind is bool else None)
+        if switches:
+            for flag, const in switches.items():
+                const, flag_help = const if isinstance(const, tuple) else (const, text)
+                value = values[key]
+                shown = ("on" if value == const else "off") if isinstance(value, bool) else default_text(key, value)
+                yield group, flag, key, shown, {"action": "store_const", "const": const, "help": flag_help}, None
+            continue
+        if _flag_type(kind):
+            keywords["type"] = _flag_type(kind)
+        yield group, config.flag_name(key), key, default_text(key, values[key]), {**keywords, "help": text}, known
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
+    """Every TrainConfig field as a flag, generated from its schema (config.setting): name, type, group, help.
+
+    Each flag's default is None: only flags given override the YAML config. --help shows each flag's default,
+    read from configs/default.yaml (the one place defaults live), and the choices, read from their registries.
     """
     from mtl.config import defaults
-    values = defaults()
-
-    def flag(*names, key=None, **kwargs):
-        if names[0] in skip:
-            return
-        key = key or names[0].lstrip("-").replace("-", "_")
-        if key.endswith("_loss"):
-            shown = default_text(key, values["losses"][key[:-len("_loss")]])
-        elif kwargs.get("action") == "store_const":
-            shown = "on" if values[key] == kwargs["const"] else "off"
-        else:
-            shown = default_text(key, values[key])
-        help_text = f"{kwargs.pop('help', '')} (default: {shown})".strip().replace("%", "%%")
-        current.add_argument(*names, dest=key, default=None, help=help_text, **kwargs)
-
-    current = parser.add_argument_group("data")
-    flag("--data", help="data folder with train/ and eval/ (the competition layout)")
-    flag("--out", help="output folder")
-    flag("--age-threshold", type=int, help="age from which a person counts as 60+ (e.g. 59)")
-    flag("--drop-ages", help="leave these ages out of training only, e.g. 57-59")
-    flag("--relabel", help="CSV of id,gender,age fixes applied on load")
-    flag("--extra", action="append", help="extra partial-label CSV (data_tools.import_faces); repeatable")
-    flag("--folds", type=int, help="number of person-level folds")
-    flag("--fold", type=int, help="validation fold")
-    flag("--all-folds", action="store_const", const=True, help="train every fold in turn (for an ensemble)")
-    flag("--seed", type=int, help="seed for folds, shuffling and augmentation")
-    flag("--skip-bad", action="store_const", const=True, help="leave out bad photos instead of stopping")
-    flag("--no-cache", key="cache", action="store_const", const=False, help="decode JPEGs every time")
-    flag("--cache-dir", help="decoded-image cache folder")
-    flag("--workers", type=int, help="DataLoader and cache-building worker processes")
-
-    current = parser.add_argument_group("preprocessing and augmentation")
-    flag("--img-size", type=int, nargs="+", metavar="N", help="network input W H (or one number for a square)")
-    flag("--load-size", type=int, nargs="+", metavar="N", help="decode + cache size W H")
-    flag("--center-crop", type=int, nargs="+", metavar="N", help="center crop W H in load-size pixels")
-    flag("--augment", help="augmentation preset: none, flip, baseline, strong, gridshuffle, ...")
-    flag("--oversample-old", type=int, help="repeat the 60+ people this many more times per epoch")
-    flag("--oversample-augment", help="augmentation preset of those repeated photos")
-
-    current = parser.add_argument_group("model")
-    flag("--model", help="any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")
-    flag("--arch", help="multihead, joint18 or separate")
-    flag("--head", help="task head: linear or another registered head (ml_decoder)")
-    flag("--no-pretrained", key="pretrained", action="store_const", const=False,
-         help="random initial weights instead of ImageNet ones")
-    flag("--pretrained-file", help="local pretrained weights file for the trunk (used even where the config says "
-                                   "pretrained: false)")
-    flag("--head-dropout", type=float, help="dropout before each head")
-    flag("--drop-path-rate", type=float, help="stochastic depth of the trunk")
-    flag("--age-reg-weight", type=float, help="weight of the auxiliary age regression (0 = off)")
-
-    current = parser.add_argument_group("losses")
-    for task in ("mask", "gender", "age", "joint"):
-        flag(f"--{task}-loss", key=f"{task}_loss", metavar="NAME[:k=v,...]",
-             help=f"{task} loss, e.g. focal:gamma=2,class_weights=balanced")
-    flag("--loss-weights", type=float, nargs=3, metavar=("M", "G", "A"), help="task loss weights")
-    flag("--loss-weighting", help="fixed or uncertainty (learned, Kendall et al. 2018)")
-
-    current = parser.add_argument_group("optimisation")
-    flag("--epochs", type=int)
-    flag("--batch-size", type=int)
-    flag("--lr", type=float, help="peak learning rate (AdamW)")
-    flag("--weight-decay", type=float)
-    flag("--warmup-epochs", type=float)
-    flag("--eta-min", type=float, help="learning rate at the end of the cosine schedule")
-    flag("--grad-clip", type=float, help="gradient norm clip (0 = off)")
-    flag("--accumulate", type=int, help="gradient accumulation steps")
-    flag("--amp", help="auto (bf16 on CUDA), bf16, fp16 or off")
-    flag("--channels-last", action="store_const", const=True,
-         help="channels_last memory format on any device (default auto: on CUDA only)")
-    flag("--no-channels-last", key="channels_last", action="store_const", const=False,
-         help="plain memory layout, also on CUDA")
-    flag("--compile", action="store_const", const=True, help="torch.compile the model")
-    flag("--ema", type=float, help="EMA decay of the weights (0 = off, e.g. 0.999)")
-    flag("--sampler", help="none or balanced (each 18-class combination equally often)")
-    flag("--mixup", type=float, help="mixup alpha (0 = off)")
-    flag("--cutmix", type=float, help="vertical CutMix alpha (0 = off)")
-    flag("--mix-prob", type=float, help="share of batches mixed")
-    flag("--patience", type=int, help="early stopping after this many epochs without a better F1 (0 = off)")
-
-    current = parser.add_argument_group("running")
-    flag("--device", help="auto, cpu, cuda, cuda:1, ...")
-    flag("--resume", help="continue a run from its last.pt (its outputs go next to that file unless --out)")
-    flag("--log-images", type=int, help="misclassified photos shown in TensorBoard per epoch")
-    flag("--no-progress", key="progress", action="store_const", const=False, help="no progress bars")
+    groups = {}
+    for group, flag, key, shown, keywords, known in train_flags(defaults()):
+        if flag in skip:
+            continue
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        text = keywords.pop("help").replace("%", "%%")
+        text = f"{text}{'; ' if text else ''}one of %(choices_text)s" if known else text
+        action = groups[group].add_argument(flag, dest=key, default=None, help=f"{text} (default: {shown})".strip(),
+                                            **keywords)
+        action.choices_text = _Names(known)  # NOTE: argparse fills %(choices_text)s from the action's attributes
 
 
 def overrides_from_args(args) -> dict:
     """The flags given on the command line as TrainConfig keys (per-task loss flags folded into `losses`)."""
+    from mtl import labels
     from mtl.config import FIELDS, parse_loss_spec
     values = {k: v for k, v in vars(args).items() if v is not None}
     losses = {}
-    for task in ("mask", "gender", "age", "joint"):
+    for task in labels.LOSS_TASKS:
         spec = values.pop(f"{task}_loss", None)
         if spec:
             losses[task] = parse_loss_spec(spec)

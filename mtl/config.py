@@ -1,5 +1,9 @@
 """Training configuration: one flat dataclass, YAML files in configs/, command-line overrides.
 
+TrainConfig is the one schema of the settings: each field's name, type, --help group and text, and choices
+(read from the registries that define them: model.ARCHS, model.HEADS, transforms.AUGMENTATIONS, ...);
+mtl.cli generates the training flags from it and `validate` checks the choices.
+
 Precedence, lowest first: configs/default.yaml (the one place default values live; found next to the
 package, whatever the working directory) < a base dict (a checkpoint's config, for --resume) < the
 YAML file given with --config (which may name a `base:` YAML it extends) < command-line flags.
@@ -15,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
 import math
 import re
 import types
@@ -28,70 +33,107 @@ from mtl.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # NOTE: package data; in the checkout a link to configs/
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
-LOSS_TASKS = ("mask", "gender", "age", "joint")  # 'joint' is the 18-way loss of --arch joint18
+
+
+def registry(module: str, name: str):
+    """The choices of a setting: a function returning the names a registry (a dict or tuple) holds.
+
+    NOTE: read when asked (validate, --help printed), not when this module or the parser is built: the registries
+    live beside what they name and import torch, timm and albumentations.
+    """
+    return lambda: tuple(getattr(importlib.import_module(module), name))
+
+
+def setting(group: str, help: str = "", choices=None, flags=None, **argparse_keywords):
+    """A TrainConfig field's schema (no default value: configs/default.yaml holds those).
+
+    group and help: its --help section and text; choices: registry(...) of the values it takes; flags: for a
+    switch, {flag: value it sets} (or {flag: (value, help)}); argparse_keywords: nargs, metavar or action.
+    """
+    return dataclasses.field(metadata={"group": group, "help": help, "choices": choices, "flags": flags,
+                                       "argparse": argparse_keywords})
+
+
+DATA, PREPROCESSING, MODEL, LOSSES, OPTIMISATION, RUNNING = (
+    "data", "preprocessing and augmentation", "model", "losses", "optimisation", "running")
+SIZE = {"nargs": "+", "metavar": "N"}
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The settings of one run: names and types only; every default value is in configs/default.yaml."""
+    """The settings of one run: names, types, --help text and choices; every default value is in configs/default.yaml.
+
+    mtl.cli.add_train_arguments makes each field a flag from this schema and validate checks its choices.
+    """
     # data
-    data: str
-    out: str | None
-    age_threshold: int
-    drop_ages: str | None
-    relabel: str | None
-    extra: list[str] | None
-    folds: int
-    fold: int
-    all_folds: bool
-    seed: int
-    skip_bad: bool
-    cache: bool
-    cache_dir: str | None
-    workers: int
+    data: str = setting(DATA, "data folder with train/ and eval/ (the competition layout)")
+    out: str | None = setting(DATA, "output folder")
+    age_threshold: int = setting(DATA, "age from which a person counts as 60+ (e.g. 59)")
+    drop_ages: str | None = setting(DATA, "leave these ages out of training only, e.g. 57-59")
+    relabel: str | None = setting(DATA, "CSV of id,gender,age fixes applied on load")
+    extra: list[str] | None = setting(DATA, "extra partial-label CSV (data_tools.import_faces); repeatable",
+                                      action="append")
+    folds: int = setting(DATA, "number of person-level folds")
+    fold: int = setting(DATA, "validation fold")
+    all_folds: bool = setting(DATA, "train every fold in turn (for an ensemble)")
+    seed: int = setting(DATA, "seed for folds, shuffling and augmentation")
+    skip_bad: bool = setting(DATA, "leave out bad photos instead of stopping")
+    cache: bool = setting(DATA, "decode JPEGs every time", flags={"--no-cache": False})
+    cache_dir: str | None = setting(DATA, "decoded-image cache folder")
+    workers: int = setting(DATA, "DataLoader and cache-building worker processes")
     # preprocessing and augmentation
-    img_size: list[int]
-    load_size: list[int] | None
-    center_crop: list[int] | None
-    augment: str
-    oversample_old: int
-    oversample_augment: str
+    img_size: list[int] = setting(PREPROCESSING, "network input W H (or one number for a square)", **SIZE)
+    load_size: list[int] | None = setting(PREPROCESSING, "decode + cache size W H", **SIZE)
+    center_crop: list[int] | None = setting(PREPROCESSING, "center crop W H in load-size pixels", **SIZE)
+    augment: str = setting(PREPROCESSING, "augmentation preset", registry("mtl.transforms", "AUGMENTATIONS"))
+    oversample_old: int = setting(PREPROCESSING, "repeat the 60+ people this many more times per epoch")
+    oversample_augment: str = setting(PREPROCESSING, "augmentation preset of those repeated photos",
+                                      registry("mtl.transforms", "AUGMENTATIONS"))
     # model
-    model: str
-    arch: str
-    head: str
-    pretrained: bool
-    pretrained_file: str | None
-    head_dropout: float
-    drop_path_rate: float
-    age_reg_weight: float
+    model: str = setting(MODEL, "any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")
+    arch: str = setting(MODEL, "architecture", registry("mtl.model", "ARCHS"))
+    head: str = setting(MODEL, "task head", registry("mtl.model", "HEADS"))
+    pretrained: bool = setting(MODEL, "random initial weights instead of ImageNet ones",
+                               flags={"--no-pretrained": False})
+    pretrained_file: str | None = setting(MODEL, "local pretrained weights file for the trunk (used even where the "
+                                                 "config says pretrained: false)")
+    head_dropout: float = setting(MODEL, "dropout before each head")
+    drop_path_rate: float = setting(MODEL, "stochastic depth of the trunk")
+    age_reg_weight: float = setting(MODEL, "weight of the auxiliary age regression (0 = off)")
     # losses
-    losses: dict
-    loss_weights: list[float]
-    loss_weighting: str
+    losses: dict = setting(LOSSES, "{task} loss, e.g. focal:gamma=2,class_weights=balanced",
+                           metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
+    loss_weights: list[float] = setting(LOSSES, "task loss weights", nargs=3, metavar=("M", "G", "A"))
+    loss_weighting: str = setting(LOSSES, "uncertainty learns the task loss weights (Kendall et al. 2018)",
+                                  registry("mtl.losses", "WEIGHTINGS"))
     # optimisation
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_epochs: float
-    eta_min: float
-    grad_clip: float
-    accumulate: int
-    amp: str
-    channels_last: bool | str  # auto: on CUDA only; true asks for it on the CPU too
-    compile: bool
-    ema: float
-    sampler: str
-    mixup: float
-    cutmix: float
-    mix_prob: float
-    patience: int
+    epochs: int = setting(OPTIMISATION)
+    batch_size: int = setting(OPTIMISATION)
+    lr: float = setting(OPTIMISATION, "peak learning rate (AdamW)")
+    weight_decay: float = setting(OPTIMISATION)
+    warmup_epochs: float = setting(OPTIMISATION)
+    eta_min: float = setting(OPTIMISATION, "learning rate at the end of the cosine schedule")
+    grad_clip: float = setting(OPTIMISATION, "gradient norm clip (0 = off)")
+    accumulate: int = setting(OPTIMISATION, "gradient accumulation steps")
+    amp: str = setting(OPTIMISATION, "autocast dtype, auto is bf16 on CUDA and off on CPU",
+                       registry("mtl.inference", "AMP_MODES"))
+    channels_last: bool | str = setting(  # auto: on CUDA only; true asks for it on the CPU too
+        OPTIMISATION, flags={"--channels-last": (True, "channels_last memory format on any device (auto: CUDA only)"),
+                             "--no-channels-last": (False, "plain memory layout, also on CUDA")})
+    compile: bool = setting(OPTIMISATION, "torch.compile the model")
+    ema: float = setting(OPTIMISATION, "EMA decay of the weights (0 = off, e.g. 0.999)")
+    sampler: str = setting(OPTIMISATION, "balanced draws each 18-class combination equally often",
+                           registry("mtl.train", "SAMPLERS"))
+    mixup: float = setting(OPTIMISATION, "mixup alpha (0 = off)")
+    cutmix: float = setting(OPTIMISATION, "vertical CutMix alpha (0 = off)")
+    mix_prob: float = setting(OPTIMISATION, "share of batches mixed")
+    patience: int = setting(OPTIMISATION, "early stopping after this many epochs without a better F1 (0 = off)")
     # running
-    device: str
-    resume: str | None
-    log_images: int
-    progress: bool
+    device: str = setting(RUNNING, "auto, cpu, cuda, cuda:1, ...")
+    resume: str | None = setting(RUNNING, "continue a run from its last.pt (its outputs go next to that file "
+                                          "unless --out)")
+    log_images: int = setting(RUNNING, "misclassified photos shown in TensorBoard per epoch")
+    progress: bool = setting(RUNNING, "no progress bars", flags={"--no-progress": False})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,9 +141,12 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
-CHOICES = {"arch": ("multihead", "joint18", "separate"), "loss_weighting": ("fixed", "uncertainty"),
-           "amp": ("auto", "bf16", "fp16", "off"), "sampler": ("none", "balanced"),
-           "device": None}
+
+
+def choices(key: str) -> tuple | None:
+    """The values a setting takes, read from its registry (None: any value its type reads)."""
+    known = FIELDS[key].metadata["choices"]
+    return known() if known else None
 
 
 def __getattr__(name):
@@ -260,10 +305,10 @@ def build(overrides: dict | None = None, config_file=None, base: dict | None = N
 
 def merge_losses(losses) -> dict:
     """Per-task loss settings as {task: {'name': ..., options}} for every task ('focal' -> {'name': 'focal'})."""
-    if not isinstance(losses, dict) or set(losses) != set(LOSS_TASKS):
-        raise ConfigError(f"losses must map the tasks ({', '.join(LOSS_TASKS)}) to settings, got {losses!r}")
+    if not isinstance(losses, dict) or set(losses) != set(labels.LOSS_TASKS):
+        raise ConfigError(f"losses must map the tasks ({', '.join(labels.LOSS_TASKS)}) to settings, got {losses!r}")
     merged = {}
-    for task in LOSS_TASKS:
+    for task in labels.LOSS_TASKS:
         spec = losses[task]
         if isinstance(spec, str):
             spec = {"name": spec}
@@ -295,12 +340,12 @@ def _positive(cfg, name, allow_zero=False):
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value a user can get wrong; raise one ConfigError naming the flag."""
-    from mtl.transforms import check_augment, size_pair
+    from mtl.transforms import size_pair
     cfg.age_threshold = labels.check_threshold(cfg.age_threshold)
-    for name, choices in CHOICES.items():
-        if choices and getattr(cfg, name) not in choices:
-            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                              f"got {getattr(cfg, name)!r}")
+    for name in FIELDS:
+        known = choices(name)
+        if known is not None and getattr(cfg, name) not in known:
+            raise ConfigError(f"{flag_name(name)} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")
     weights = cfg.loss_weights
     if not isinstance(weights, (list, tuple)) or len(weights) != 3:
         raise ConfigError(f"--loss-weights takes three numbers (mask gender age), got {weights!r}")
@@ -323,8 +368,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.center_crop = list(size_pair(cfg.center_crop, "--center-crop")) if cfg.center_crop else None
     if cfg.channels_last not in ("auto", True, False):
         raise ConfigError(f"channels_last must be auto, true or false, got {cfg.channels_last!r}")
-    check_augment(cfg.augment)
-    check_augment(cfg.oversample_augment)
     cfg.extra = list(cfg.extra or [])
     if cfg.pretrained_file:
         cfg.pretrained = True  # NOTE: a weights file given is used, whatever `pretrained` says (README, Real data)
@@ -334,7 +377,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     resolve_device(cfg.device)
     from mtl.losses import check_loss_spec
     from mtl.model import check_model_config
-    for task in LOSS_TASKS:
+    for task in labels.LOSS_TASKS:
         check_loss_spec(task, cfg.losses[task])
     check_model_config(cfg)
     return cfg

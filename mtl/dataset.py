@@ -14,19 +14,20 @@ from mtl.splits import check_fold, person_folds
 
 
 class FaceDataset(Dataset):
-    """Photos + task labels: each item is {image, mask, gender, age_group, age, index}; unknown labels are -1.
+    """Photos + task labels: each item is {image, mask, gender, age_group, age_years, index}; unknown labels are -1.
 
-    Rows normally share one transform; `oversampled` adds copies of some rows with a transform of their own.
+    The age groups are computed once here, by the run's LabelSchema (an age threshold is read as one). Rows
+    normally share one transform; `oversampled` adds copies of some rows with a transform of their own.
     """
 
-    def __init__(self, samples: pd.DataFrame, images, transform, age_threshold=labels.DEFAULT_AGE_THRESHOLD):
+    def __init__(self, samples: pd.DataFrame, images, transform, schema: labels.LabelSchema | int | None = None):
         assert len(samples) == len(images), "samples and images must align"
         self.samples, self.images, self.transform = samples.reset_index(drop=True), images, transform
-        self.age_threshold = age_threshold
+        self.schema = labels.as_schema(schema)
         self.mask = samples["mask"].to_numpy(np.int64)
         self.gender = samples["gender"].to_numpy(np.int64)
-        self.age = samples["age"].to_numpy(np.int64)
-        self.age_group = labels.age_group(self.age, age_threshold)
+        self.age_years = samples["age"].to_numpy(np.int64)
+        self.age_group = self.schema.group(self.age_years)
         self.transforms = [transform]
         self.transform_of = np.zeros(len(samples), dtype=np.int64)
 
@@ -41,7 +42,7 @@ class FaceDataset(Dataset):
     def __getitem__(self, i):
         image = self.transforms[self.transform_of[i]](image=self.pixels(i))["image"]
         return {"image": image, "mask": self.mask[i], "gender": self.gender[i], "age_group": self.age_group[i],
-                "age": np.float32(self.age[i]), "index": i}
+                "age_years": np.float32(self.age_years[i]), "index": i}
 
     def set_random_seed(self, seed: int):
         """Seed every augmentation pipeline (DataLoader workers call this)."""
@@ -53,7 +54,7 @@ class FaceDataset(Dataset):
         """This dataset plus `copies` more of the given rows, those copies augmented by `transform`."""
         rows = np.asarray(rows, dtype=np.int64)
         index = np.concatenate([np.arange(len(self))] + [rows] * copies)
-        out = FaceDataset(self.samples.iloc[index], self.images.take(index), self.transform, self.age_threshold)
+        out = FaceDataset(self.samples.iloc[index], self.images.take(index), self.transform, self.schema)
         out.transforms = self.transforms + [transform]
         out.transform_of = np.concatenate([self.transform_of[index[:len(self)]],
                                            np.full(len(rows) * copies, len(self.transforms))])
@@ -62,7 +63,12 @@ class FaceDataset(Dataset):
     def targets(self) -> dict:
         """All labels as tensors (for class weights, samplers and metrics)."""
         return {"mask": torch.as_tensor(self.mask), "gender": torch.as_tensor(self.gender),
-                "age_group": torch.as_tensor(self.age_group), "age": torch.as_tensor(self.age, dtype=torch.float32)}
+                "age_group": torch.as_tensor(self.age_group),
+                "age_years": torch.as_tensor(self.age_years, dtype=torch.float32)}
+
+    def truth(self) -> dict:
+        """The labels as numpy arrays, as metrics.score takes them: mask, gender, age_group, age_years."""
+        return {"mask": self.mask, "gender": self.gender, "age_group": self.age_group, "age_years": self.age_years}
 
 
 @dataclasses.dataclass

@@ -40,6 +40,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # the --amp choices
+
+
 def amp_dtype(amp: str, device: torch.device):
     """The autocast dtype for --amp on this device (None = full precision). 'auto' is bf16 on CUDA, off on CPU.
 

@@ -237,6 +237,9 @@ def joint_consistency(targets) -> torch.Tensor:
     return ok
 
 
+WEIGHTINGS = ("fixed", "uncertainty")  # the --loss-weighting choices: given weights, or learned ones (MultiTaskLoss)
+
+
 class MultiTaskLoss(nn.Module):
     """Weighted (or uncertainty-weighted) sum of the per-task losses over one batch."""
 
@@ -286,7 +289,7 @@ class MultiTaskLoss(nn.Module):
         return total
 
     def forward(self, outputs: dict, targets: dict):
-        """(total loss, {name: loss}) for one batch; targets hold mask, gender, age_group and age."""
+        """(total loss, {name: loss}) for one batch; targets hold mask, gender, age_group and age_years."""
         parts = {name: self.task_loss(name, outputs[name], targets) for name in self.losses}
         if self.log_vars is None:
             total = sum(self.fixed[name] * loss for name, loss in parts.items())
@@ -294,9 +297,10 @@ class MultiTaskLoss(nn.Module):
             total = sum(loss * 0.5 * torch.exp(-self.log_vars[name]) + 0.5 * self.log_vars[name]
                         for name, loss in parts.items())
         if "age_reg" in outputs and self.age_reg_weight > 0:
-            known = targets["age"] >= 0
+            years = targets["age_years"]
+            known = years >= 0
             pred = outputs["age_reg"]
-            reg = (F.smooth_l1_loss(pred[known].float() / AGE_SCALE, targets["age"][known].float() / AGE_SCALE)
+            reg = (F.smooth_l1_loss(pred[known].float() / AGE_SCALE, years[known].float() / AGE_SCALE)
                    if known.any() else pred.sum() * 0.0)
             parts["age_reg"] = reg
             total = total + self.age_reg_weight * reg

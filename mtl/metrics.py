@@ -54,16 +54,19 @@ def macro_f1(y_true, y_pred) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
-def score(probs: dict, truth: dict, age_threshold: int, pred=None) -> dict:
-    """Validation metrics from numpy probabilities and truth {'mask','gender','age'(years)}.
+def score(probs: dict, truth: dict, schema, pred=None) -> dict:
+    """Validation metrics from numpy probabilities and truth {'mask', 'gender', 'age_group', 'age_years'}.
 
     Keys: f1 (18-class macro F1, the competition metric), acc, {task}_f1, {task}_acc, and with an
     age-regression head age_reg_mae, age_reg_f1/acc (age group read off the regressed age) and
-    f1_age_reg (18-class F1 with that age group). `pred` gives the 18-class answers when they do not come from
-    recombining probs (a hard-voting ensemble).
+    f1_age_reg (18-class F1 with that age group). `schema` is the LabelSchema (or an age threshold);
+    truth without 'age_group' gets it from 'age_years' (or 'age', in years). `pred` gives the 18-class
+    answers when they do not come from recombining probs (a hard-voting ensemble).
     """
+    schema = labels.as_schema(schema)
     mask, gender = np.asarray(truth["mask"]), np.asarray(truth["gender"])
-    age_grp = labels.age_group(np.asarray(truth["age"]), age_threshold)
+    years = truth.get("age_years", truth.get("age"))
+    age_grp = np.asarray(truth["age_group"]) if "age_group" in truth else schema.group(np.asarray(years))
     pred = predict_classes(probs) if pred is None else np.asarray(pred)
     pm, pg, pa = labels.decode(pred)
     true_joint = labels.encode(mask, gender, age_grp)
@@ -72,8 +75,8 @@ def score(probs: dict, truth: dict, age_threshold: int, pred=None) -> dict:
         out[f"{task}_f1"], out[f"{task}_acc"] = macro_f1(t, p), float(accuracy_score(t, p))
     if "age_reg" in probs:
         reg = np.asarray(probs["age_reg"])
-        reg_grp = labels.age_group(np.round(reg), age_threshold)
-        out["age_reg_mae"] = float(np.abs(reg - np.asarray(truth["age"])).mean())
+        reg_grp = schema.group(np.round(reg))
+        out["age_reg_mae"] = float(np.abs(reg - np.asarray(years)).mean())
         out["age_reg_f1"], out["age_reg_acc"] = macro_f1(age_grp, reg_grp), float(accuracy_score(age_grp, reg_grp))
         out["f1_age_reg"] = macro_f1(true_joint, labels.encode(pm, pg, reg_grp))
     return out

@@ -129,16 +129,17 @@ class TaskModel(nn.Module):
         return out
 
 
+# architecture name -> (number of trunks, {output: index of the trunk that feeds it}); --arch chooses one
+ARCHS = {"multihead": (1, {"mask": 0, "gender": 0, "age": 0}),
+         "joint18": (1, {"joint": 0}),
+         "separate": (3, {"mask": 0, "gender": 1, "age": 2})}
+
+
 def plan_for(arch: str, age_reg: bool) -> tuple[int, dict]:
-    """(number of trunks, {output: trunk index}) for an architecture."""
-    if arch == "multihead":
-        n, plan = 1, {"mask": 0, "gender": 0, "age": 0}
-    elif arch == "joint18":
-        n, plan = 1, {"joint": 0}
-    elif arch == "separate":
-        n, plan = 3, {"mask": 0, "gender": 1, "age": 2}
-    else:
-        raise ConfigError(f"unknown --arch {arch!r}; known: multihead, joint18, separate")
+    """(number of trunks, {output: trunk index}) for an architecture of ARCHS."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+    n, plan = ARCHS[arch][0], dict(ARCHS[arch][1])
     if age_reg:
         plan["age_reg"] = plan.get("age", 0)
     return n, plan
@@ -153,11 +154,8 @@ def check_model_name(name: str):
 
 
 def check_model_config(cfg):
-    """Check the model keys of a TrainConfig before anything is built."""
+    """Check the model keys of a TrainConfig before anything is built (config.validate has checked arch and head)."""
     check_model_name(cfg.model)
-    plan_for(cfg.arch, False)
-    if cfg.head not in HEADS:
-        raise ConfigError(f"unknown head {cfg.head!r}; known: {', '.join(sorted(HEADS))}")
     if cfg.pretrained_file and not __import__("os").path.isfile(cfg.pretrained_file):
         raise ConfigError(f"--pretrained-file not found: {cfg.pretrained_file}")
 

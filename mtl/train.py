@@ -1,13 +1,14 @@
 """The training loop: every architecture, fold, tuning trial and DDP rank runs through `train`.
 
-Reads top to bottom: set up (device, seed, model, data, loss, optimizer, schedule) -> per epoch
-train_one_epoch() then evaluate() -> log, checkpoint, early stop. The learning rate follows
-1) a linear warmup over --warmup-epochs, 2) then a cosine decay 3) down to --eta-min at the last
-step, 4) updated every optimizer step.
+Reads top to bottom: setup() builds a `Run` (device, seed, model, data, loss, optimizer, schedule, and
+its `Progress`) -> per epoch train_one_epoch(run, loader, epoch, writer) then evaluate(run) -> log,
+checkpoint, early stop. The learning rate follows 1) a linear warmup over --warmup-epochs, 2) then a
+cosine decay 3) down to --eta-min at the last step, 4) updated every optimizer step.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -37,13 +38,82 @@ from mtl.metrics import score
 from mtl.model import model_from_config, normalization, unwrap
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
-TARGET_KEYS = ("mask", "gender", "age_group", "age")
+TARGET_KEYS = ("mask", "gender", "age_group", "age_years")
 RUN_FILES = ("last.pt", "best.pt", "metrics.json", "config.yaml", "hparams")
 LOG_EVERY = 10  # optimizer steps between points of the train/* curves (and one at each epoch's end)
 
 
 class TrainingError(MTLError):
     """Training cannot go on (e.g. the loss became NaN); the message says where and what was kept."""
+
+
+# ---------------------------------------------------------------- the run's state
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: optimizer steps, the best epoch so far, early stopping; last.pt's `train_state`."""
+    step: int = 0
+    best: float = -1.0  # the best validation 18-class F1 so far
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    best_metrics: dict = dataclasses.field(default_factory=dict)  # the best epoch's metrics, with its "epoch"
+
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def load_state_dict(self, state: dict):
+        """Restore from a state_dict (last.pt's train_state, the same keys since the first format)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+    def record(self, epoch: int, metrics: dict) -> bool:
+        """Count one validated epoch; True when its F1 is the best so far."""
+        if metrics["f1"] > self.best:
+            self.best, self.best_epoch, self.bad_epochs = metrics["f1"], epoch, 0
+            self.best_metrics = {**metrics, "epoch": epoch}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def stopped(self, patience: int) -> bool:
+        """Whether early stopping has ended the run (patience 0: never)."""
+        return bool(patience) and self.bad_epochs >= patience
+
+
+@dataclasses.dataclass
+class Run:
+    """One fold's training as setup() builds it: settings, where it runs, data, modules, progress and outputs."""
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype | None  # the autocast dtype; None: full precision
+    channels_last: bool
+    schema: labels.LabelSchema
+    preprocess: dict  # the record checkpoints store (transforms.eval_transform rebuilds the input pipeline)
+    train_set: FaceDataset
+    val_set: FaceDataset
+    val_indices: np.ndarray  # this rank's share of val_set
+    val_loader: object
+    raw_model: torch.nn.Module  # what checkpoints save
+    model: torch.nn.Module  # what trains: raw_model, under torch.compile and DDP when asked
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    ema: object | None  # timm's ModelEmaV3 with --ema
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    start_epoch: int = 1
+    saved: dict = dataclasses.field(default_factory=dict)  # {'last.pt': (path, epoch), 'best.pt': ...} on disk
+    resumed: dict | None = None  # NOTE: the whole last.pt of --resume, until reconcile_best has used it
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    def kept(self) -> str:
+        """The checkpoints a stopped run leaves: 'runs/x/last.pt (epoch 3) and runs/x/best.pt (epoch 2)'."""
+        return " and ".join(f"{path} (epoch {epoch})" for path, epoch in self.saved.values()) or "no checkpoint yet"
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -162,27 +232,24 @@ def mix_batch(images, targets, cfg, generator):
 
 
 # ---------------------------------------------------------------- one epoch
-def train_one_epoch(state, epoch: int) -> dict:
-    """One pass over the training loader; returns mean losses and throughput."""
-    cfg, model, loss_fn, opt = state["cfg"], state["model"], state["loss_fn"], state["optimizer"]
-    device, dtype, scaler = state["device"], state["dtype"], state["scaler"]
-    loader = state["train_loader"]
+def train_one_epoch(run: Run, loader, epoch: int, writer=None) -> dict:
+    """One pass over the training loader; returns mean losses and throughput (train/* scalars go to writer)."""
+    cfg, model, loss_fn, opt, progress = run.cfg, run.model, run.loss_fn, run.optimizer, run.progress
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     sums, n_seen, t0 = {}, 0, time.time()
     window, window_n = {}, 0  # NOTE: train/* points are means over the steps since the previous point
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, leave=False,
-               disable=not (cfg.progress and state["rank"] == 0))
+               disable=not (cfg.progress and run.rank == 0))
     opt.zero_grad(set_to_none=True)
     steps_in_epoch = len(loader)
     for i, batch in enumerate(bar):
-        images = to_device(batch["image"], device, state["channels_last"])
-        targets = {k: batch[k].to(device, non_blocking=True) for k in TARGET_KEYS}
+        images = to_device(batch["image"], run.device, run.channels_last)
+        targets = {k: batch[k].to(run.device, non_blocking=True) for k in TARGET_KEYS}
         images, other, lam = mix_batch(images, targets, cfg, gen)
         is_step = (i + 1) % cfg.accumulate == 0 or i + 1 == steps_in_epoch
-        sync = state["ddp"] and not is_step
-        with (model.no_sync() if sync else _null()):
-            with autocast(device, dtype):
+        with (model.no_sync() if run.ddp and not is_step else contextlib.nullcontext()):
+            with autocast(run.device, run.dtype):
                 outputs = model(images)
             outputs = {k: v.float() for k, v in outputs.items()}
             loss, parts = loss_fn(outputs, targets)
@@ -191,21 +258,20 @@ def train_one_epoch(state, epoch: int) -> dict:
                 loss = lam * loss + (1 - lam) * loss_b
                 parts = {k: lam * parts[k] + (1 - lam) * parts_b[k] for k in parts}
             if not torch.isfinite(loss.detach()):
-                raise TrainingError(f"loss became {float(loss.detach())} at epoch {epoch}, step {state['step']} "
-                                    f"(batch {i}); stopped, {kept(state)} kept; try a lower --lr "
-                                    f"or --grad-clip")
-            scaler.scale(loss / cfg.accumulate).backward()
+                raise TrainingError(f"loss became {float(loss.detach())} at epoch {epoch}, step {progress.step} "
+                                    f"(batch {i}); stopped, {run.kept()} kept; try a lower --lr or --grad-clip")
+            run.scaler.scale(loss / cfg.accumulate).backward()
         if is_step:
             if cfg.grad_clip:
-                scaler.unscale_(opt)
+                run.scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            run.scaler.step(opt)
+            run.scaler.update()
             opt.zero_grad(set_to_none=True)
-            state["scheduler"].step()
-            state["step"] += 1
-            if state["ema"] is not None:
-                state["ema"].update(unwrap(model), step=state["step"])
+            run.scheduler.step()
+            progress.step += 1
+            if run.ema is not None:
+                run.ema.update(unwrap(model), step=progress.step)
         n = len(images)
         n_seen += n
         window_n += n
@@ -213,70 +279,56 @@ def train_one_epoch(state, epoch: int) -> dict:
             value = float(v.detach()) * n
             sums[k] = sums.get(k, 0.0) + value
             window[k] = window.get(k, 0.0) + value
-        rate = n_seen * state["world"] / max(time.time() - t0, 1e-9)
+        rate = n_seen * run.world / max(time.time() - t0, 1e-9)
         bar.set_postfix(loss=f"{sums['loss'] / n_seen:.3f}", img_s=f"{rate:.0f}")
-        writer = state["writer"]
-        if writer is not None and is_step and (state["step"] % LOG_EVERY == 0 or i + 1 == steps_in_epoch):
+        if writer is not None and is_step and (progress.step % LOG_EVERY == 0 or i + 1 == steps_in_epoch):
             for k, v in window.items():
-                writer.add_scalar("train/loss" if k == "loss" else f"train/loss_{k}", v / window_n, state["step"])
-            writer.add_scalar("train/lr", opt.param_groups[0]["lr"], state["step"])
+                writer.add_scalar("train/loss" if k == "loss" else f"train/loss_{k}", v / window_n, progress.step)
+            writer.add_scalar("train/lr", opt.param_groups[0]["lr"], progress.step)
             window, window_n = {}, 0
     stats = {k: v / max(n_seen, 1) for k, v in sums.items()}
-    stats["img_per_s"] = n_seen * state["world"] / max(time.time() - t0, 1e-9)
+    stats["img_per_s"] = n_seen * run.world / max(time.time() - t0, 1e-9)
     return stats
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---------------------------------------------------------------- validation
-def evaluate(state) -> tuple[dict, dict]:
+def evaluate(run: Run) -> tuple[dict, dict]:
     """(metrics, numpy probabilities) on the validation people; under DDP each rank scores a shard, rank 0 joins."""
-    model = state["ema"].module if state["ema"] is not None else unwrap(state["model"])
-    probs = predict_probs(model, state["val_loader"], state["device"], state["dtype"], state["channels_last"])
-    parts = gather((state["val_indices"], probs), state["world"])
+    model = run.ema.module if run.ema is not None else unwrap(run.model)
+    probs = predict_probs(model, run.val_loader, run.device, run.dtype, run.channels_last)
+    parts = gather((run.val_indices, probs), run.world)
     order = np.concatenate([p[0] for p in parts])
     joined = {k: np.concatenate([p[1][k] for p in parts]) for k in probs}
     inverse = np.argsort(order)
     joined = {k: v[inverse] for k, v in joined.items()}
-    val = state["val_set"]
-    truth = {"mask": val.mask, "gender": val.gender, "age": val.age}
-    return score(joined, truth, state["cfg"].age_threshold), joined
+    return score(joined, run.val_set.truth(), run.schema), joined
 
 
 # ---------------------------------------------------------------- logging
-def log_epoch_images(writer, state, metrics, probs, epoch, step):
+def log_epoch_images(writer, run: Run, probs, epoch, step):
     """Confusion matrices per task and for the 18 classes, and a grid of misclassified validation photos."""
-    from mtl.metrics import confusion, predict_classes
+    from mtl.metrics import confusion, predict_classes, recombine
     from mtl.plots import confusion_figure, photo_grid
-    val = state["val_set"]
-    threshold = state["cfg"].age_threshold
+    val, schema = run.val_set, run.schema
     pred = predict_classes(probs)
-    truth_joint = labels.encode(val.mask, val.gender, val.age_group)
-    parts = dict(zip(labels.TASKS, labels.decode(pred)))
+    truth_joint = schema.encode(val.mask, val.gender, val.age_group)
+    parts = dict(zip(labels.TASKS, schema.decode(pred)))
     truths = {"mask": val.mask, "gender": val.gender, "age": val.age_group}
-    for task in labels.TASKS:
-        names = labels.TASK_CLASSES[task]
+    for task, names in schema.class_names.items():
         cm = confusion(truths[task], parts[task], len(names))
         writer.add_figure(f"confusion/{task}", confusion_figure(cm, names, f"{task} (epoch {epoch})"), step)
-    names18 = [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    names18 = schema.joint_names
     writer.add_figure("confusion/18_classes", confusion_figure(confusion(truth_joint, pred, labels.NUM_JOINT),
                                                               names18, f"18 classes (epoch {epoch})"), step)
     wrong = np.flatnonzero(pred != truth_joint)
-    if len(wrong) and state["cfg"].log_images:
-        from mtl.metrics import recombine
+    if len(wrong) and run.cfg.log_images:
         confidence = recombine(probs)[wrong, pred[wrong]]
-        worst = wrong[np.argsort(-confidence)][:state["cfg"].log_images]
+        worst = wrong[np.argsort(-confidence)][:run.cfg.log_images]
         images = [val.pixels(i) for i in worst]
-        captions = [f"true {labels.class_name(truth_joint[i])}\npred {labels.class_name(pred[i])} "
-                    f"({recombine(probs)[i, pred[i]]:.2f})" for i in worst]
-        writer.add_figure("misclassified", photo_grid(images, captions, f"most confident mistakes, epoch {epoch} "
-                                                                        f"(age threshold {threshold})"), step)
+        captions = [f"true {names18[truth_joint[i]]}\npred {names18[pred[i]]} ({recombine(probs)[i, pred[i]]:.2f})"
+                    for i in worst]
+        title = f"most confident mistakes, epoch {epoch} (age threshold {schema.age_threshold})"
+        writer.add_figure("misclassified", photo_grid(images, captions, title), step)
 
 
 def summary_line(epoch, cfg, stats, metrics, seconds, best):
@@ -306,7 +358,7 @@ def train(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) 
     return {"out": str(out), "best_f1": summary["f1_mean"], "metrics": summary, "folds": results}
 
 
-def setup(cfg: TrainConfig, log=print) -> dict:
+def setup(cfg: TrainConfig, log=print) -> Run:
     """Everything a run needs, checked before any training step: model, data, loss, optimizer, schedule, outputs."""
     rank, world = distributed()
     device = resolve_device(cfg.device)
@@ -326,7 +378,7 @@ def setup(cfg: TrainConfig, log=print) -> dict:
             log(f"removed {len(stale)} temporary file(s) that killed writes left in {out}")
     cfg.out = str(out)
     try:
-        return build_state(cfg, resume, out, rank, world, device, log)
+        return build_run(cfg, resume, out, rank, world, device, log)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -334,7 +386,7 @@ def setup(cfg: TrainConfig, log=print) -> dict:
         raise
 
 
-def build_state(cfg: TrainConfig, resume, out: Path, rank: int, world: int, device, log=print) -> dict:
+def build_run(cfg: TrainConfig, resume, out: Path, rank: int, world: int, device, log=print) -> Run:
     """The model, data, loss, optimizer and schedule of a run (restored from `resume`, a last.pt, when given)."""
     model = model_from_config(cfg)
     mean, std = normalization(model)
@@ -345,14 +397,14 @@ def build_state(cfg: TrainConfig, resume, out: Path, rank: int, world: int, devi
                      progress=cfg.progress and rank == 0, log=log if rank == 0 else (lambda *_: None))
     if len(fold.train_samples) == 0 or len(fold.val_samples) == 0:
         raise ConfigError(f"fold {cfg.fold} of {cfg.folds} leaves no training or no validation photos")
-    train_set = FaceDataset(fold.train_samples, fold.train_images, train_transform(preprocess, cfg.augment),
-                            cfg.age_threshold)
-    val_set = FaceDataset(fold.val_samples, fold.val_images, eval_transform(preprocess), cfg.age_threshold)
+    schema = labels.LabelSchema(cfg.age_threshold)  # NOTE: the one place a run's age groups are defined
+    train_set = FaceDataset(fold.train_samples, fold.train_images, train_transform(preprocess, cfg.augment), schema)
+    val_set = FaceDataset(fold.val_samples, fold.val_images, eval_transform(preprocess), schema)
     if cfg.oversample_old:
         old_rows = np.flatnonzero(train_set.age_group == 2)
         train_set = train_set.oversampled(old_rows, cfg.oversample_old,
                                           train_transform(preprocess, cfg.oversample_augment))
-        log(f"--oversample-old {cfg.oversample_old}: {len(old_rows)} photos of people aged {cfg.age_threshold}+ "
+        log(f"--oversample-old {cfg.oversample_old}: {len(old_rows)} photos of people aged {schema.age_names[2]} "
             f"repeated {cfg.oversample_old} more time(s) with the {cfg.oversample_augment!r} augmentation")
 
     loss_fn = build_loss(cfg.losses, cfg.arch, class_counts(train_set.targets()), cfg.loss_weights,
@@ -373,48 +425,37 @@ def build_state(cfg: TrainConfig, resume, out: Path, rank: int, world: int, devi
     if cfg.ema:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.ema)
-
-    state = {"cfg": cfg, "rank": rank, "world": world, "device": device, "dtype": dtype, "out": out,
-             "channels_last": channels_last, "preprocess": preprocess, "train_set": train_set, "val_set": val_set,
-             "loss_fn": loss_fn, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema,
-             "raw_model": model, "step": 0, "start_epoch": 1, "best": -1.0, "best_epoch": 0, "bad_epochs": 0,
-             "best_metrics": {}, "saved": {}, "skipped": fold.skipped,
-             "resumed": resume}
     if resume is not None:
-        restore(state, resume)
-        log(f"resumed from {cfg.resume} at epoch {state['start_epoch']} (best f1 {state['best']:.4f})")
-    if cfg.compile:
-        model = torch.compile(model)  # NOTE: checkpoints save the raw model, so no '_orig_mod.' prefix is written
-    state["ddp"] = world > 1
+        progress, start_epoch = restore(resume, model, optimizer, scheduler, scaler, loss_fn, ema), resume["epoch"] + 1
+        log(f"resumed from {cfg.resume} at epoch {start_epoch} (best f1 {progress.best:.4f})")
+    else:
+        progress, start_epoch = Progress(), 1
+    trained = torch.compile(model) if cfg.compile else model  # NOTE: checkpoints save the raw model: no '_orig_mod.'
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    state["model"] = model
+        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
     val_indices = np.arange(rank, len(val_set), world)
-    state["val_indices"] = val_indices
-    state["val_loader"] = make_loader(torch.utils.data.Subset(val_set, val_indices), cfg.batch_size * 2,
-                                      cfg.workers, device=device)
-    return state
+    val_loader = make_loader(torch.utils.data.Subset(val_set, val_indices), cfg.batch_size * 2, cfg.workers,
+                             device=device)
+    return Run(cfg=cfg, out=out, rank=rank, world=world, device=device, dtype=dtype, channels_last=channels_last,
+               schema=schema, preprocess=preprocess, train_set=train_set, val_set=val_set, val_indices=val_indices,
+               val_loader=val_loader, raw_model=model, model=trained, loss_fn=loss_fn, optimizer=optimizer,
+               scheduler=scheduler, scaler=scaler, ema=ema, progress=progress, start_epoch=start_epoch,
+               saved={"last.pt": (resume["path"], resume["epoch"])} if resume is not None else {}, resumed=resume)
 
 
-def restore(state, resume):
-    """Load model, optimizer, schedule, scaler, EMA, learned loss weights and early-stopping state from last.pt."""
-    state["raw_model"].load_state_dict(ckpt_io.clean_state_dict(resume["model"]))
-    state["optimizer"].load_state_dict(resume["optimizer"])
-    state["scheduler"].load_state_dict(resume["scheduler"])
-    state["scaler"].load_state_dict(resume["scaler"])
-    state["loss_fn"].load_state_dict(resume["loss"])
-    if state["ema"] is not None and resume.get("ema") is not None:
-        state["ema"].module.load_state_dict(resume["ema"])
-    for key in ("step", "best", "best_epoch", "bad_epochs", "best_metrics"):
-        state[key] = resume["train_state"][key]
-    state["start_epoch"] = resume["epoch"] + 1
-    state["saved"] = {"last.pt": (resume["path"], resume["epoch"])}
-
-
-def kept(state) -> str:
-    """The checkpoints a stopped run leaves: 'runs/x/last.pt (epoch 3) and runs/x/best.pt (epoch 2)'."""
-    return " and ".join(f"{path} (epoch {epoch})" for path, epoch in state["saved"].values()) or "no checkpoint yet"
+def restore(resume, model, optimizer, scheduler, scaler, loss_fn, ema) -> Progress:
+    """Load model, optimizer, schedule, scaler, EMA and learned loss weights from last.pt; its Progress."""
+    model.load_state_dict(ckpt_io.clean_state_dict(resume["model"]))
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    scaler.load_state_dict(resume["scaler"])
+    loss_fn.load_state_dict(resume["loss"])
+    if ema is not None and resume.get("ema") is not None:
+        ema.module.load_state_dict(resume["ema"])
+    progress = Progress()
+    progress.load_state_dict(resume["train_state"])
+    return progress
 
 
 def checkpoint_epoch(path: Path):
@@ -429,19 +470,19 @@ def checkpoint_epoch(path: Path):
         return None
 
 
-def reconcile_best(state, resume, log=print):
+def reconcile_best(run: Run, resume, log=print):
     """After --resume: best.pt and metrics.json hold the best epoch last.pt records, whatever a kill interrupted.
 
     Per epoch, last.pt is written first (it commits the epoch and its record of the best), then best.pt, then
     metrics.json; so a kill can only leave these two behind last.pt at an improving epoch, whose weights last.pt
     holds: they are rewritten from it. Resuming into a new --out copies them from the resumed run's folder.
     """
-    out, source, best_epoch = state["out"], Path(resume["path"]).parent, state["best_epoch"]
+    out, source, best_epoch = run.out, Path(resume["path"]).parent, run.progress.best_epoch
     if not best_epoch:
         return
     if checkpoint_epoch(out / "best.pt") != best_epoch:
         if best_epoch == resume["epoch"]:
-            ckpt_io.save(checkpoint_dict(state, best_epoch, resume["metrics"], full=False), out / "best.pt")
+            ckpt_io.save(checkpoint_dict(run, best_epoch, resume["metrics"], full=False), out / "best.pt")
         elif source.resolve() != out.resolve() and checkpoint_epoch(source / "best.pt") == best_epoch:
             atomic_copy(source / "best.pt", out / "best.pt")
         else:
@@ -449,15 +490,17 @@ def reconcile_best(state, resume, log=print):
                               f"{resume['path']} records, and that epoch's weights are gone; resume from a copy of "
                               f"the run's folder as it was written")
         log(f"wrote {out / 'best.pt'}: epoch {best_epoch}, the best epoch {resume['path']} records")
-    state["saved"]["best.pt"] = (out / "best.pt", best_epoch)
+    run.saved["best.pt"] = (out / "best.pt", best_epoch)
     if checkpoint_epoch(out / "metrics.json") != best_epoch:
-        atomic_write_text(json.dumps(state["best_metrics"], indent=2), out / "metrics.json")
+        atomic_write_text(json.dumps(run.progress.best_metrics, indent=2), out / "metrics.json")
 
 
-def train_loader_for(state, epoch):
+SAMPLERS = ("none", "balanced")  # the --sampler choices: how train_loader_for draws an epoch's photos
+
+
+def train_loader_for(run: Run, epoch: int):
     """The training loader of one epoch, seeded by (seed, epoch) so a resumed run replays the same batches."""
-    cfg, world, rank = state["cfg"], state["world"], state["rank"]
-    train_set = state["train_set"]
+    cfg, world, rank, train_set = run.cfg, run.world, run.rank, run.train_set
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)
     if cfg.sampler == "balanced":
         sampler = balanced_sampler(train_set, math.ceil(len(train_set) / world), gen)
@@ -469,73 +512,62 @@ def train_loader_for(state, epoch):
     train_set.set_random_seed(cfg.seed * 1000 + epoch)  # used when workers == 0
     torch.manual_seed(cfg.seed * 1000 + epoch)
     return make_loader(train_set, cfg.batch_size, cfg.workers, sampler=sampler, generator=gen,
-                       drop_last=len(train_set) > cfg.batch_size * world, device=state["device"])
+                       drop_last=len(train_set) > cfg.batch_size * world, device=run.device)
 
 
-def checkpoint_dict(state, epoch, metrics, full: bool) -> dict:
+def checkpoint_dict(run: Run, epoch, metrics, full: bool) -> dict:
     """best.pt holds the weights validated (EMA ones if on); last.pt adds everything needed to resume."""
-    cfg = state["cfg"]
-    raw = state["raw_model"]
-    weights = state["ema"].module.state_dict() if (state["ema"] is not None and not full) else raw.state_dict()
-    out = {"model": weights, "config": {**cfg.to_dict(), "resume": None}, "schema": ckpt_io.schema_for(cfg),
-           "preprocess": state["preprocess"], "epoch": epoch, "metrics": metrics}
+    weights = run.ema.module.state_dict() if (run.ema is not None and not full) else run.raw_model.state_dict()
+    out = {"model": weights, "config": {**run.cfg.to_dict(), "resume": None}, "schema": run.schema.to_dict(),
+           "preprocess": run.preprocess, "epoch": epoch, "metrics": metrics}
     if full:
-        out.update(optimizer=state["optimizer"].state_dict(), scheduler=state["scheduler"].state_dict(),
-                   scaler=state["scaler"].state_dict(), loss=state["loss_fn"].state_dict(),
-                   ema=state["ema"].module.state_dict() if state["ema"] is not None else None,
-                   train_state={k: state[k] for k in ("step", "best", "best_epoch", "bad_epochs", "best_metrics")})
+        out.update(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                   scaler=run.scaler.state_dict(), loss=run.loss_fn.state_dict(),
+                   ema=run.ema.module.state_dict() if run.ema is not None else None,
+                   train_state=run.progress.state_dict())
     return out
 
 
 def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) -> dict:
     """Train one person-level fold; writes best.pt, last.pt, config.yaml, metrics.json and TensorBoard logs."""
-    state = setup(cfg, log)
-    rank, out = state["rank"], state["out"]
-    writer, epochs_run = None, 0
-    state.update(writer=None, where=f"before epoch {state['start_epoch']}")
+    run = setup(cfg, log)
+    progress, out = run.progress, run.out
+    writer, epochs_run, where = None, 0, f"before epoch {run.start_epoch}"
     try:
-        resumed = state.pop("resumed")  # NOTE: the whole last.pt: dropped once reconciled
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            if resumed is not None:
-                reconcile_best(state, resumed, log)
+        if run.rank == 0:
+            if run.resumed is not None:
+                reconcile_best(run, run.resumed, log)
             atomic_write_text(dump(cfg), out / "config.yaml")
-        del resumed
-        if rank == 0:
-            writer = state["writer"] = SummaryWriter(str(out))
-            n_train, n_val = len(state["train_set"]), len(state["val_set"])
-            log(f"run {out}: {cfg.arch} {cfg.model}, fold {cfg.fold}/{cfg.folds}, {n_train} train / {n_val} val "
-                f"photos, device {state['device']}"
-                f"{', amp ' + str(state['dtype']).split('.')[-1] if state['dtype'] else ''}"
-                f", age threshold {cfg.age_threshold}")
-        for epoch in range(state["start_epoch"], cfg.epochs + 1):
-            if cfg.patience and state["bad_epochs"] >= cfg.patience:  # NOTE: a resumed run that had stopped early
+        run.resumed = None  # NOTE: the whole last.pt: dropped once reconciled
+        if run.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out))
+            log(f"run {out}: {cfg.arch} {cfg.model}, fold {cfg.fold}/{cfg.folds}, {len(run.train_set)} train / "
+                f"{len(run.val_set)} val photos, device {run.device}"
+                f"{', amp ' + str(run.dtype).split('.')[-1] if run.dtype else ''}"
+                f", age threshold {run.schema.age_threshold}")
+        for epoch in range(run.start_epoch, cfg.epochs + 1):
+            if progress.stopped(cfg.patience):  # NOTE: a resumed run that had stopped early
                 log(f"the run stopped early at epoch {epoch - 1} (no better 18-class F1 for {cfg.patience} epochs); "
                     f"nothing to train")
                 break
-            t0, state["where"] = time.time(), f"in epoch {epoch}"
-            state["train_loader"] = train_loader_for(state, epoch)
-            stats = train_one_epoch(state, epoch)
-            metrics, probs = evaluate(state)
-            improved = metrics["f1"] > state["best"]
-            if improved:
-                state.update(best=metrics["f1"], best_epoch=epoch, bad_epochs=0, best_metrics={**metrics,
-                                                                                             "epoch": epoch})
-            else:
-                state["bad_epochs"] += 1
-            if rank == 0:
-                write_epoch(state, writer, epoch, stats, metrics, probs, improved)
+            t0, where = time.time(), f"in epoch {epoch}"
+            stats = train_one_epoch(run, train_loader_for(run, epoch), epoch, writer)
+            metrics, probs = evaluate(run)
+            improved = progress.record(epoch, metrics)
+            if run.rank == 0:
+                write_epoch(run, writer, epoch, stats, metrics, probs, improved)
                 log(summary_line(epoch, cfg, stats, metrics, time.time() - t0, improved))
             epochs_run += 1
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-            if cfg.patience and state["bad_epochs"] >= cfg.patience:
-                log(f"early stop: no better 18-class F1 for {cfg.patience} epochs (best {state['best']:.4f} at "
-                    f"epoch {state['best_epoch']})")
+            if progress.stopped(cfg.patience):
+                log(f"early stop: no better 18-class F1 for {cfg.patience} epochs (best {progress.best:.4f} at "
+                    f"epoch {progress.best_epoch})")
                 break
         if writer is not None:
             if log_hparams:  # NOTE: a tuning trial's hparams are its searched values, written by the study
-                write_hparams(writer, cfg, state)
+                write_hparams(writer, cfg, progress)
             writer.close()
             writer = None
     except Exception as exc:
@@ -544,40 +576,40 @@ def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = T
             raise
         why = str(cause) if isinstance(cause, WriteError) else (f"cannot write the TensorBoard logs in {out} "
                                                                f"({cause.strerror or cause})")
-        last = state["saved"].get("last.pt")
+        last = run.saved.get("last.pt")
         hint = f"; free space and continue with --resume {last[0]}" if last else ""
-        raise TrainingError(f"{why}; stopped {state['where']}; kept {kept(state)}{hint}") from None
+        raise TrainingError(f"{why}; stopped {where}; kept {run.kept()}{hint}") from None
     finally:
         if writer is not None:  # stopped by an error or Ctrl-C: the HPARAMS row of the epochs done, if it can be had
             with contextlib.suppress(Exception):  # NOTE: the error already on its way says what went wrong
                 if log_hparams:
-                    write_hparams(writer, cfg, state)
+                    write_hparams(writer, cfg, progress)
             with contextlib.suppress(Exception):
                 writer.close()
-    return {"out": str(out), "best_f1": state["best"], "best_epoch": state["best_epoch"],
-            "metrics": state["best_metrics"], "epochs_run": epochs_run}
+    return {"out": str(out), "best_f1": progress.best, "best_epoch": progress.best_epoch,
+            "metrics": progress.best_metrics, "epochs_run": epochs_run}
 
 
-def write_epoch(state, writer, epoch, stats, metrics, probs, improved):
+def write_epoch(run: Run, writer, epoch, stats, metrics, probs, improved):
     """Rank 0's per-epoch outputs: scalars and figures at the global step, then last.pt, best.pt, metrics.json.
 
     last.pt goes first: it commits the epoch (and its record of the best), so a kill before it redoes the epoch
     and a kill after it leaves best.pt and metrics.json for reconcile_best to bring up to date on --resume.
     """
-    out, step = state["out"], state["step"]
+    out, step = run.out, run.progress.step
     for k, v in metrics.items():
         writer.add_scalar(f"val/{k}", v, step)
     writer.add_scalar("train/img_per_s", stats["img_per_s"], step)
     writer.add_scalar("train/epoch", epoch, step)
-    for k, v in state["loss_fn"].weights().items():
+    for k, v in run.loss_fn.weights().items():
         writer.add_scalar(f"loss_weight/{k}", v, step)
-    log_epoch_images(writer, state, metrics, probs, epoch, step)
-    ckpt_io.save(checkpoint_dict(state, epoch, metrics, full=True), out / "last.pt")
-    state["saved"]["last.pt"] = (out / "last.pt", epoch)
+    log_epoch_images(writer, run, probs, epoch, step)
+    ckpt_io.save(checkpoint_dict(run, epoch, metrics, full=True), out / "last.pt")
+    run.saved["last.pt"] = (out / "last.pt", epoch)
     if improved:
-        ckpt_io.save(checkpoint_dict(state, epoch, metrics, full=False), out / "best.pt")
-        state["saved"]["best.pt"] = (out / "best.pt", epoch)
-        atomic_write_text(json.dumps(state["best_metrics"], indent=2), out / "metrics.json")
+        ckpt_io.save(checkpoint_dict(run, epoch, metrics, full=False), out / "best.pt")
+        run.saved["best.pt"] = (out / "best.pt", epoch)
+        atomic_write_text(json.dumps(run.progress.best_metrics, indent=2), out / "metrics.json")
     writer.flush()
 
 
@@ -626,23 +658,23 @@ def hparams_summaries(columns: dict, status_success=True) -> list:
     return out
 
 
-def write_hparams(writer, cfg, state):
+def write_hparams(writer, cfg, progress: Progress):
     """The run's settings with its best metrics, for TensorBoard's HPARAMS tab, in the run's hparams/ folder.
 
     Every run logs the same columns and no experiment summary of its own: TensorBoard then builds the table from
     all runs under --logdir, marks the columns whose values differ between them and shows those first.
     """
-    if not state["best_metrics"]:
+    if not progress.best_metrics:
         return
     from torch.utils.tensorboard import SummaryWriter
     folder = Path(writer.log_dir) / "hparams"
     shutil.rmtree(folder, ignore_errors=True)  # NOTE: a resumed run replaces the session its first part wrote
-    metrics = {f"hparam/{k}": float(v) for k, v in state["best_metrics"].items() if k != "epoch"}
-    metrics["hparam/best_epoch"] = float(state["best_epoch"])
+    metrics = {f"hparam/{k}": float(v) for k, v in progress.best_metrics.items() if k != "epoch"}
+    metrics["hparam/best_epoch"] = float(progress.best_epoch)
     start, end = hparams_summaries(hparams_of(cfg))
     with SummaryWriter(str(folder)) as hp_writer:
         events = hp_writer._get_file_writer()
         events.add_summary(start)
         for tag, value in metrics.items():
-            hp_writer.add_scalar(tag, value, state["step"])
+            hp_writer.add_scalar(tag, value, progress.step)
         events.add_summary(end)

@@ -64,6 +64,59 @@ def test_help_shows_every_flags_default():
         assert shown in text, shown
 
 
+# ---------------------------------------------------------------- one schema: TrainConfig, the flags made from it
+def bare_parser():
+    parser = __import__("argparse").ArgumentParser()
+    add_train_arguments(parser)
+    return parser
+
+
+def test_every_setting_is_a_flag_made_from_its_schema():
+    from mtl import labels
+    by_dest = {}
+    for action in bare_parser()._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    assert set(by_dest) - {"help"} == set(config.FIELDS) - {"losses"} | {f"{t}_loss" for t in labels.LOSS_TASKS}
+    for name, field in config.FIELDS.items():
+        actions = by_dest.get(name, [])
+        assert all(a.default is None for a in actions), name  # only flags given override the YAML config
+        if field.metadata["help"] and not field.metadata["flags"] and name != "losses":
+            assert actions[0].help.startswith(field.metadata["help"]), name
+    assert by_dest["lr"][0].type is float and by_dest["img_size"][0].type is int and by_dest["img_size"][0].nargs == "+"
+    assert [a.option_strings for a in by_dest["channels_last"]] == [["--channels-last"], ["--no-channels-last"]]
+    groups = {g.title: [a.dest for a in g._group_actions] for g in bare_parser()._action_groups}
+    assert groups["optimisation"][:3] == ["epochs", "batch_size", "lr"] and groups["running"][-1] == "progress"
+
+
+def test_choices_are_read_from_the_registries(monkeypatch):
+    from mtl import losses, model, train, transforms
+    from mtl.inference import AMP_MODES
+    assert config.choices("arch") == tuple(model.ARCHS) == ("multihead", "joint18", "separate")
+    assert config.choices("head") == tuple(model.HEADS) and config.choices("augment") == tuple(transforms.AUGMENTATIONS)
+    assert config.choices("loss_weighting") == losses.WEIGHTINGS and config.choices("amp") == AMP_MODES
+    assert config.choices("sampler") == train.SAMPLERS and config.choices("device") is None
+    text = " ".join(bare_parser().format_help().split())
+    assert "architecture; one of multihead, joint18, separate (default: multihead)" in text
+    # a name registered is a choice of the flag, of --help and of validate, with no other list to edit
+    monkeypatch.setitem(model.ARCHS, "twotrunks", (2, {"mask": 0, "gender": 1, "age": 1}))
+    monkeypatch.setitem(transforms.AUGMENTATIONS, "mine", transforms.AUGMENTATIONS["flip"])
+    assert config.build({"arch": "twotrunks", "augment": "mine"}).arch == "twotrunks"
+    text = " ".join(bare_parser().format_help().split())
+    assert "one of multihead, joint18, separate, twotrunks" in text and "gridshuffle, mine (default: strong)" in text
+
+
+@pytest.mark.parametrize("key,value", [("arch", "twoheads"), ("head", "mlp"), ("augment", "wild"),
+                                       ("oversample_augment", "wild"), ("loss_weighting", "learned"),
+                                       ("amp", "fp8"), ("sampler", "sometimes")])
+def test_a_value_outside_its_registry_is_one_line_naming_the_flag(key, value, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"{key}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        config.build(config_file=path)
+    assert str(err.value) == (f"{config.flag_name(key)} must be one of {', '.join(config.choices(key))}, "
+                              f"got {value!r}")
+
+
 def test_a_task_named_in_a_config_keeps_the_other_tasks_losses(tmp_path):
     path = tmp_path / "focal.yaml"
     path.write_text("losses:\n  age: {name: focal, gamma: 2e0}\n")

@@ -67,17 +67,17 @@ def test_bf16_autocast_training_resumes_exactly_on_the_cpu(tiny_config, tmp_path
 
 
 def test_channels_last_on_the_cpu_only_when_asked(tiny_config, tmp_path):
-    def layouts(state):
+    def layouts(run):
         """(every conv weight channels_last, every one contiguous NCHW); 1x1 kernels are both."""
-        convs = [m.weight for m in state["raw_model"].modules() if isinstance(m, torch.nn.Conv2d)]
+        convs = [m.weight for m in run.raw_model.modules() if isinstance(m, torch.nn.Conv2d)]
         return (all(w.is_contiguous(memory_format=torch.channels_last) for w in convs),
                 all(w.is_contiguous() for w in convs))
 
     asked = setup(tiny_config(channels_last=True, device="cpu", out=str(tmp_path / "a")), **QUIET)
-    assert asked["channels_last"] is True and layouts(asked) == (True, False)
+    assert asked.channels_last is True and layouts(asked) == (True, False)
     default = setup(tiny_config(device="cpu", out=str(tmp_path / "b")), **QUIET)
-    assert default["cfg"].channels_last == "auto"
-    assert default["channels_last"] is False and layouts(default) == (False, True)
+    assert default.cfg.channels_last == "auto"
+    assert default.channels_last is False and layouts(default) == (False, True)
     assert use_channels_last("auto", torch.device("cuda")) and not use_channels_last(False, torch.device("cuda"))
 
 

@@ -165,7 +165,7 @@ def test_dataset_items_and_transforms(synthetic_data, cache_dir):
     ds = FaceDataset(fold.train_samples, fold.train_images, train_transform(record, "strong"), 59)
     item = ds[0]
     assert tuple(item["image"].shape) == (3, SIZE[1], SIZE[0])
-    assert item["age_group"] == labels.age_group(item["age"], 59)
+    assert item["age_group"] == labels.age_group(item["age_years"], 59)
     val = FaceDataset(fold.val_samples, fold.val_images, eval_transform(record))
     # evaluation shows the photo as decoded (its load size is the input size here): uint8, HWC turned CHW, no change
     for i in (0, len(val) - 1):

@@ -161,7 +161,7 @@ def test_training_on_the_mix_masks_the_loss_of_missing_labels(utk_src, folder_sr
         items = [dataset[i] for i in indices]
         images = torch.stack([item["image"] for item in items])
         targets = {k: torch.as_tensor(np.array([item[k] for item in items])) for k in ("mask", "gender", "age_group",
-                                                                                       "age")}
+                                                                                       "age_years")}
         model.zero_grad(set_to_none=False)
         loss, _ = loss_fn(model(images), targets)
         loss.backward()

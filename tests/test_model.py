@@ -18,7 +18,7 @@ LOSSES = {"mask": {"name": "ce"}, "gender": {"name": "bce"}, "age": {"name": "ce
 def batch_targets(mask, gender, age):
     age = torch.tensor(age, dtype=torch.float32)
     return {"mask": torch.tensor(mask), "gender": torch.tensor(gender),
-            "age_group": torch.as_tensor(labels.age_group(age.numpy(), 60)), "age": age}
+            "age_group": torch.as_tensor(labels.LabelSchema(60).group(age.numpy())), "age_years": age}
 
 
 @pytest.mark.parametrize("arch,trunks", [("multihead", 1), ("joint18", 1), ("separate", 3)])
@@ -140,8 +140,14 @@ def test_unknown_loss_and_option_are_refused():
 
 
 def test_score_reports_both_age_readings():
-    truth = {"mask": np.array([0, 1, 2]), "gender": np.array([0, 1, 0]), "age": np.array([20, 45, 65])}
+    at60, at59 = labels.LabelSchema(60), labels.LabelSchema(59)
+    years = np.array([20, 45, 65])
+    truth = {"mask": np.array([0, 1, 2]), "gender": np.array([0, 1, 0]), "age_years": years}
     probs = {"mask": np.eye(3), "gender": np.eye(2)[[0, 1, 0]], "age": np.eye(3), "age_reg": np.array([21., 50., 59.])}
-    at60 = score(probs, truth, 60)
-    assert at60["f1"] == 1.0 and at60["age_reg_acc"] == pytest.approx(2 / 3)
-    assert score(probs, truth, 59)["age_reg_acc"] == 1.0  # moving the threshold after training
+    scored = score(probs, {**truth, "age_group": at60.group(years)}, at60)
+    assert scored["f1"] == 1.0 and scored["age_reg_acc"] == pytest.approx(2 / 3)
+    assert scored["age_reg_mae"] == pytest.approx((1 + 5 + 6) / 3)
+    assert score(probs, {**truth, "age_group": at59.group(years)}, at59)["age_reg_acc"] == 1.0  # threshold moved
+    # the groups given are the ones scored (no second derivation); without them they come from the schema
+    assert score(probs, {**truth, "age_group": np.array([0, 1, 1])}, at60)["age_f1"] < 1.0
+    assert score(probs, truth, at60) == scored == score(probs, {**truth, "age": years}, 60)  # the older call

@@ -11,7 +11,7 @@ from mtl.train import train
 from mtl.transforms import AUGMENTATIONS, make_preprocess, train_transform
 
 TARGETS = {"mask": torch.tensor([0, 1, 2, 0]), "gender": torch.tensor([0, 1, 1, 0]),
-           "age_group": torch.tensor([0, 1, 2, 1]), "age": torch.tensor([20.0, 40.0, 65.0, 35.0])}
+           "age_group": torch.tensor([0, 1, 2, 1]), "age_years": torch.tensor([20.0, 40.0, 65.0, 35.0])}
 
 
 @pytest.mark.parametrize("trunk,size", [("test_efficientnet", 40), ("test_vit", 32)])

@@ -128,6 +128,21 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
         assert all(torch.equal(state[s], b["optimizer"]["state"][key][s]) for s in state), key
 
 
+def test_progress_counts_the_best_epoch_and_early_stopping():
+    from mtl.train import Progress
+    progress = Progress()
+    assert [progress.record(e, {"f1": f1}) for e, f1 in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.4))] == \
+        [True, True, False, False]
+    assert (progress.best, progress.best_epoch, progress.bad_epochs) == (0.5, 2, 2)
+    assert progress.best_metrics == {"f1": 0.5, "epoch": 2}
+    assert progress.stopped(2) and not progress.stopped(3) and not progress.stopped(0)
+    # last.pt's train_state: the keys every earlier version wrote, read back as they were
+    old = {"step": 40, "best": 0.5, "best_epoch": 2, "bad_epochs": 2, "best_metrics": {"f1": 0.5, "epoch": 2}}
+    again = Progress()
+    again.load_state_dict(old)
+    assert again == progress.__class__(**old) and again.state_dict() == old
+
+
 class _Stop(Exception):
     pass
 
@@ -191,7 +206,7 @@ def test_existing_run_is_never_overwritten(trained_run):
     (["--age-threshold", "120"], "--age-threshold must be from 31 to 99"),
     (["--arch", "twoheads"], "--arch must be one of"),
     (["--fold", "7"], "--fold must be from 0 to 4"),
-    (["--augment", "wild"], "unknown augment preset 'wild'"),
+    (["--augment", "wild"], "--augment must be one of none, flip, baseline"),
     (["--age-loss", "focal:beta=2"], "has no option(s) beta"),
 ])
 def test_bad_flags_give_one_line_errors(flags, message, capsys):
@@ -420,3 +435,33 @@ def test_outputs_are_readable_by_the_group_the_umask_allows(trained_run):
     from mtl.io import current_umask
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.json"):
         assert (Path(trained_run["out"]) / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
+
+
+# ---------------------------------------------------------------- checkpoints of earlier versions
+SCHEMA_V1_AT_59 = {"version": 1, "tasks": {"mask": ["wear", "incorrect", "not wear"], "gender": ["male", "female"],
+                                           "age": ["<30", "30-59", "60+"]},
+                   "num_joint": 18, "age_threshold": 59, "young_below": 30}  # as written before LabelSchema
+
+
+def test_a_last_pt_of_schema_version_1_loads_and_resumes(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(epochs=1, out=str(out), age_threshold=59), **QUIET)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert set(last["train_state"]) == {"step", "best", "best_epoch", "bad_epochs", "best_metrics"}
+    last["schema"] = SCHEMA_V1_AT_59
+    torch.save(last, out / "last.pt")
+    assert checkpoint.label_schema(checkpoint.load(out / "last.pt")) == labels.LabelSchema(59)
+    assert cli(["--resume", out / "last.pt", "--epochs", "2"], capsys)[0] == 0
+    resumed = checkpoint.load(out / "last.pt")
+    assert resumed["epoch"] == 2 and resumed["schema"] == labels.LabelSchema(59).to_dict()
+    assert resumed["train_state"]["step"] == 2 * last["train_state"]["step"]
+
+
+def test_a_checkpoint_schema_this_code_cannot_read_is_one_line(trained_run, tmp_path, capsys):
+    saved = torch.load(Path(trained_run["out"]) / "last.pt", weights_only=True)
+    saved["schema"] = {**saved["schema"], "version": 7}  # e.g. written by a later mtl
+    torch.save(saved, tmp_path / "later.pt")
+    code, err = cli(["--resume", tmp_path / "later.pt", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err == (f"error: {tmp_path / 'later.pt'}: label schema version 7 is not one this mtl reads "
+                                 f"(1, 2); use the mtl version that wrote it")
+    assert not (tmp_path / "out").exists()
