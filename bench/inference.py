@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bench.common import SHARED, table, write_json
-from mtl import checkpoint, config, face_crop, labels
+from mtl import checkpoint, config, face_crop
 from mtl.export import DeployModel, export_checkpoint, sample_photos
 from mtl.images import fit_size
 from mtl.model import model_from_config, normalization
@@ -44,7 +44,7 @@ def make_checkpoint(args, path: Path) -> Path:
                         "pretrained": pretrained, "pretrained_file": str(WEIGHTS) if pretrained else None})
     model = model_from_config(cfg)
     mean, std = normalization(model)
-    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "schema": labels.schema(cfg.age_threshold),
+    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "schema": checkpoint.schema_for(cfg),
                      "preprocess": make_preprocess(cfg.img_size, mean=mean, std=std), "epoch": 0, "metrics": {}},
                     path)
     return path

@@ -78,15 +78,15 @@ def facemask_samples(half: str):
     return table.iloc[{"train": 0, "test": 1}[half]::2].reset_index(drop=True)
 
 
-def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[dict, int]:
-    """(per-task probabilities, age threshold) of a checkpoint on a sample table, through predict.py's code path."""
+def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[dict, object]:
+    """(per-task probabilities, LabelSchema) of a checkpoint on a sample table, through predict.py's code path."""
     from mtl import checkpoint
     from mtl.members import load_size_of, open_sources, predict_members
     member = checkpoint.load(checkpoint_path)
     sources = open_sources(list(samples["image_path"]), [load_size_of(member)], cache_dir=cache_dir,
                            workers=workers, progress=False)
     probs = predict_members([member], samples, sources, workers=workers, device=device, progress=False)[0]
-    return probs, checkpoint.threshold(member)
+    return probs, checkpoint.label_schema(member)
 
 
 def train_variant(name, options, args, data, work) -> dict:
@@ -137,8 +137,9 @@ def score_variant(row, args, data) -> dict:
     row, best = dict(row), row["best"]
     _, eval_samples = data_io.eval_samples(data)
     truth = pd.read_csv(data / "eval_truth.csv").set_index("ImageID").loc[eval_samples["person_id"]]
-    probs, threshold = predict_on(best, eval_samples, row["cache_dir"], args.workers, args.device)
-    eval_metrics = score(probs, {k: truth[k].to_numpy() for k in ("mask", "gender", "age")}, threshold)
+    probs, schema = predict_on(best, eval_samples, row["cache_dir"], args.workers, args.device)
+    eval_metrics = score(probs, {"mask": truth["mask"].to_numpy(), "gender": truth["gender"].to_numpy(),
+                                 "age_years": truth["age"].to_numpy()}, schema)
     row.update({f"eval_{k}": eval_metrics[k] for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1", "age_acc")})
     masks = facemask_samples("test")
     pred = predict_on(best, masks, row["cache_dir"], args.workers, args.device)[0]["mask"].argmax(1)

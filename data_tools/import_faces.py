@@ -106,13 +106,14 @@ def place(path: Path, src: Path, out: Path, how: str) -> Path:
     return Path(os.path.abspath(target))  # NOTE: not resolve(), which would follow a --link back to SRC
 
 
-def label_counts(samples: pd.DataFrame, threshold=labels.DEFAULT_AGE_THRESHOLD) -> dict:
+def label_counts(samples: pd.DataFrame, schema: labels.LabelSchema | None = None) -> dict:
     """{task: {class name: photos, 'unknown': photos}} of a sample table."""
-    groups = labels.age_group(samples["age"].to_numpy(), threshold) if len(samples) else np.zeros(0, int)
+    schema = schema or labels.LabelSchema()
+    groups = schema.group(samples["age"].to_numpy()) if len(samples) else np.zeros(0, int)
     values = {"mask": samples["mask"].to_numpy(), "gender": samples["gender"].to_numpy(), "age": groups}
     counts = {}
     for task, v in values.items():
-        names = labels.TASK_CLASSES[task]
+        names = schema.class_names[task]
         counts[task] = {name: int((v == k).sum()) for k, name in enumerate(names)}
         counts[task]["unknown"] = int((v < 0).sum())
     return counts

@@ -16,8 +16,8 @@ data_tools.import_faces (path,mask,gender,age,person_id; see mtl.data.read_extra
 
 The table stores an age in years but the model predicts an age group, so the age is a stand-in for the
 group: the model's regressed age (rounded) when it has an age-regression head and that age falls in the
-confident group, else a fixed age inside the group (`stand_in_ages`: 25 for <30, the middle of 30..threshold-1,
-threshold+5 for the top group). Either way `labels.age_group(age, threshold)` gives back the predicted
+confident group, else a fixed age inside the group (`LabelSchema.stand_in_years`: 25 for <30, the middle
+of 30..threshold-1, threshold+5 for the top group). Either way `LabelSchema.group` gives back the predicted
 group at the checkpoint's threshold; train the second round with that same --age-threshold.
 """
 from __future__ import annotations
@@ -40,12 +40,6 @@ LEGITIMACY = ("Training on test photos is only legitimate where the competition 
 
 
 # ---------------------------------------------------------------- labels from probabilities
-def stand_in_ages(age_threshold: int) -> np.ndarray:
-    """The age in years written for each age group (0, 1, 2) when no usable regressed age is at hand."""
-    # NOTE: 25 stays <30 and the middle of 30..threshold-1 stays in the middle group at nearby thresholds
-    return np.array([25, (labels.YOUNG_BELOW + age_threshold) // 2, age_threshold + 5], dtype=np.int64)
-
-
 def check_bars(min_confidence, per_task=None) -> dict:
     """{task: bar}: --min-confidence for every task unless the task's own bar is given; each must be in 0..1."""
     bars = {}
@@ -59,9 +53,10 @@ def check_bars(min_confidence, per_task=None) -> dict:
     return bars
 
 
-def pseudo_labels(probs: dict, bars: dict, age_threshold: int, use_age_reg=True) -> dict:
+def pseudo_labels(probs: dict, bars: dict, schema: labels.LabelSchema, use_age_reg=True) -> dict:
     """Per-task probabilities -> {task: label per photo, -1 below the task's bar; task_confidence: its probability;
-    'age': age in years (-1 unknown), 'age_from_reg': whether the regressed age was used}."""
+    'age_group': the age task's label again; 'age_years': an age in that group, in years (-1 unknown), for the
+    extra-data table, which holds years; 'age_from_reg': whether the regressed age was used}."""
     out = {}
     for task in labels.TASKS:
         p = np.asarray(probs[task], dtype=np.float64)
@@ -69,15 +64,15 @@ def pseudo_labels(probs: dict, bars: dict, age_threshold: int, use_age_reg=True)
         out[task] = np.where(confidence >= bars[task], best, labels.UNKNOWN).astype(np.int64)
         out[f"{task}_confidence"] = confidence
     group = out["age"]
-    years = np.where(group >= 0, stand_in_ages(age_threshold)[np.maximum(group, 0)], labels.UNKNOWN)
+    years = schema.stand_in_years(group)
     from_reg = np.zeros(len(group), dtype=bool)
     if use_age_reg and "age_reg" in probs:
         reg = np.asarray(probs["age_reg"], dtype=np.float64).reshape(-1)
         finite = np.isfinite(reg)
         rounded = np.where(finite, np.round(reg), -1).astype(np.int64)
-        from_reg = finite & (group >= 0) & (rounded >= 0) & (labels.age_group(rounded, age_threshold) == group)
+        from_reg = finite & (group >= 0) & (rounded >= 0) & (schema.group(rounded) == group)
         years = np.where(from_reg, rounded, years)
-    out["age"], out["age_group"], out["age_from_reg"] = years.astype(np.int64), group, from_reg
+    out["age_years"], out["age_group"], out["age_from_reg"] = years.astype(np.int64), group, from_reg
     return out
 
 
@@ -87,21 +82,21 @@ def pseudo_table(samples: pd.DataFrame, image_ids, found: dict) -> pd.DataFrame:
     ids = np.asarray(image_ids, dtype=object)
     rows = [(path, f"{PERSON_PREFIX}{image_id}", Path(path).stem, m, g, a, SOURCE)
             for path, image_id, m, g, a in zip(samples["image_path"].to_numpy()[keep], ids[keep],
-                                               found["mask"][keep], found["gender"][keep], found["age"][keep])]
+                                               found["mask"][keep], found["gender"][keep], found["age_years"][keep])]
     return data.sample_table(rows)
 
 
-def summary(found: dict, written: int, out: Path, bars: dict, age_threshold: int) -> str:
+def summary(found: dict, written: int, out: Path, bars: dict, schema: labels.LabelSchema) -> str:
     """Per task: photos labelled (per class) and unknown; what was written; how to train with it."""
     n = len(found["mask"])
     lines = [f"wrote {out}: {written} of {n} eval photos with at least one confident task "
              f"({n - written} with none left out)"]
     for task in labels.TASKS:
         values = found["age_group" if task == "age" else task]
-        known = ", ".join(f"{name} {int((values == k).sum())}" for k, name in enumerate(labels.TASK_CLASSES[task]))
+        known = ", ".join(f"{name} {int((values == k).sum())}" for k, name in enumerate(schema.class_names[task]))
         lines.append(f"  {task + ':':8s}{int((values >= 0).sum())} labelled ({known}), "
                      f"{int((values < 0).sum())} unknown (bar {bars[task]:g})")
-    ages = stand_in_ages(age_threshold)
+    ages, age_threshold = schema.stand_in_years([0, 1, 2]), schema.age_threshold
     lines.append(f"  age is a stand-in for the group at threshold {age_threshold}: the regressed age for "
                  f"{int(found['age_from_reg'].sum())} photos, else {ages[0]}, {ages[1]} or {ages[2]}; train with "
                  f"--age-threshold {age_threshold}")
@@ -133,7 +128,7 @@ def run(args, log=print) -> dict:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     members = load_members(args.checkpoint)
     weights = check_weights(args.weights, len(members))
-    age_threshold = ckpt_io.threshold(members[0])
+    schema = ckpt_io.label_schema(members[0])  # NOTE: load_members checked that every member shares it
     check_face_crop(members, args.data, log)
     info, samples = data.eval_samples(args.data)
     if len(samples) == 0:
@@ -141,22 +136,22 @@ def run(args, log=print) -> dict:
     sources = open_sources(samples["image_path"], [load_size_of(m) for m in members], args.cache_dir, args.cache,
                            args.workers, args.progress, log)
     log(f"{len(members)} checkpoint(s), {len(samples)} eval photos, TTA {', '.join(args.tta) or 'none'}, "
-        f"age threshold {age_threshold}; bars " + ", ".join(f"{t} {b:g}" for t, b in bars.items()))
+        f"age threshold {schema.age_threshold}; bars " + ", ".join(f"{t} {b:g}" for t, b in bars.items()))
 
     member_probs = predict_members(members, samples, sources, args.batch_size, args.workers, args.device, args.amp,
                                    args.tta, args.progress)
     result = combine(member_probs, weights, "soft")
     image_ids = info["ImageID"].str.strip().tolist()
-    found = pseudo_labels(result.probs, bars, age_threshold, use_age_reg=args.age_reg)
+    found = pseudo_labels(result.probs, bars, schema, use_age_reg=args.age_reg)
     table = pseudo_table(samples, image_ids, found)
     if len(table) == 0:
         best = ", ".join(f"{t} {found[f'{t}_confidence'].max():.4f}" for t in labels.TASKS)
         raise DataError(f"no eval photo reaches the bar on any task (highest probabilities: {best}); nothing "
                         f"written - lower --min-confidence")
-    write_outputs([(out, lambda: data.write_extra(table, out), summary(found, len(table), out, bars, age_threshold))],
+    write_outputs([(out, lambda: data.write_extra(table, out), summary(found, len(table), out, bars, schema))],
                   log)
     return {"members": members, "result": result, "image_ids": image_ids, "labels": found, "table": table,
-            "age_threshold": age_threshold, "out": out}
+            "schema": schema, "out": out}
 
 
 # ---------------------------------------------------------------- command line

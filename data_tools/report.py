@@ -203,7 +203,7 @@ def gender_age_table(facts) -> pd.DataFrame:
     """People per gender (rows) and age group (columns)."""
     people = facts["people"]
     table = pd.crosstab(people["gender"], people["age_group"]).reindex(index=[0, 1], columns=[0, 1, 2], fill_value=0)
-    table.index = list(labels.TASK_CLASSES["gender"])
+    table.index = list(labels.GENDER_NAMES)
     table.columns = list(facts["schema"].age_names)
     return table
 

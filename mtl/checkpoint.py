@@ -66,11 +66,6 @@ def label_schema(checkpoint: dict) -> labels.LabelSchema:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def threshold(checkpoint: dict) -> int:
-    """The age threshold a checkpoint was trained with (label_schema(checkpoint).age_threshold)."""
-    return label_schema(checkpoint).age_threshold
-
-
 def check_same_schema(checkpoints) -> labels.LabelSchema:
     """The one label schema of the checkpoints, or a ConfigError if they differ (they cannot be ensembled)."""
     return labels.check_same_schema([(c["path"], label_schema(c)) for c in checkpoints])

@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from mtl import checkpoint as ckpt_io
-from mtl import labels
 from mtl.errors import ConfigError, MTLError
 from mtl.metrics import head_probs, recombine
 
@@ -224,14 +223,14 @@ def first_line(exc) -> str:
 # ---------------------------------------------------------------- the record beside the model
 def record_for(member, fmt, model_file, outputs) -> dict:
     """model.json: labels, age_threshold, input_size [W, H], face_crop, preprocessing, input and output layout."""
-    threshold = ckpt_io.threshold(member)
-    names = labels.task_class_names(threshold)
+    schema = ckpt_io.label_schema(member)
+    names = schema.class_names
     preprocess = member["preprocess"]
     width, height = (int(v) for v in preprocess["img_size"])
-    classes = ["/".join(names[t][k] for t, k in zip(labels.TASKS, labels.decode(c))) for c in range(labels.NUM_JOINT)]
     return {"format": fmt, "model_file": Path(model_file).name,
-            "labels": {**{t: list(n) for t, n in names.items()}, "classes": classes},
-            "age_threshold": threshold, "input_size": [width, height], "face_crop": preprocess.get("face_crop"),
+            "labels": {**{t: list(n) for t, n in names.items()}, "classes": list(schema.joint_names)},
+            "age_threshold": schema.age_threshold, "input_size": [width, height],
+            "face_crop": preprocess.get("face_crop"),
             "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
                       "shape": ["batch", height, width, 3],
                       "normalization": "inside the model (mean and std below, applied to pixels / 255)"},

@@ -172,28 +172,3 @@ def check_same_schema(named) -> LabelSchema:
             raise ConfigError(f"{name} uses age threshold {schema.age_threshold} but {first_name} uses "
                               f"{first.age_threshold}: checkpoints of different schemas cannot be ensembled")
     return first
-
-
-# ---------------------------------------------------------------- the schema at the default threshold
-# NOTE: kept for callers that predate LabelSchema; at another threshold use LabelSchema(threshold)
-TASK_CLASSES = LabelSchema().class_names
-
-
-def age_group_names(threshold: int = DEFAULT_AGE_THRESHOLD) -> tuple:
-    """The age groups' names at a threshold (LabelSchema(threshold).age_names)."""
-    return LabelSchema(threshold).age_names
-
-
-def class_name(joint: int) -> str:
-    """Name of an 18-class label at the default threshold, e.g. 'wear/female/<30' (LabelSchema.class_name)."""
-    return LabelSchema().class_name(joint)
-
-
-def task_class_names(threshold: int = DEFAULT_AGE_THRESHOLD) -> dict:
-    """Every task's class names, the age groups named at this threshold (LabelSchema(threshold).class_names)."""
-    return LabelSchema(threshold).class_names
-
-
-def schema(threshold: int = DEFAULT_AGE_THRESHOLD) -> dict:
-    """The schema record a checkpoint stores (LabelSchema(threshold).to_dict())."""
-    return LabelSchema(threshold).to_dict()

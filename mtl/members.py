@@ -106,7 +106,7 @@ def predict_members(members, samples, sources, batch_size=64, workers=2, device=
     for k, indices in enumerate(groups.values(), start=1):
         first = members[indices[0]]
         dataset = FaceDataset(samples, sources[load_size_of(first)], eval_transform(first["preprocess"]),
-                              ckpt_io.threshold(first))
+                              ckpt_io.label_schema(first))
         loader = make_loader(dataset, batch_size, workers, device=device)
         # NOTE: a group's models sit on the device together; five folds of an efficientnet_b3 take ~250 MB
         models = [prepare_model(ckpt_io.build_model(members[i]), device, channels_last) for i in indices]

@@ -56,9 +56,9 @@ def write_outputs(writes, log=print):
 
 
 # ---------------------------------------------------------------- probability files
-def probs_table(image_ids, probs: dict, checkpoint: str, age_threshold: int) -> pd.DataFrame:
+def probs_table(image_ids, probs: dict, checkpoint: str, schema: labels.LabelSchema) -> pd.DataFrame:
     """One member's probabilities as a table: ImageID, checkpoint, age_threshold, mask_0.. (see module doc)."""
-    table = {"ImageID": list(image_ids), "checkpoint": checkpoint, "age_threshold": int(age_threshold)}
+    table = {"ImageID": list(image_ids), "checkpoint": checkpoint, "age_threshold": schema.age_threshold}
     for head, columns in HEAD_COLUMNS.items():
         if head in probs:
             values = np.asarray(probs[head], dtype=np.float32).reshape(len(table["ImageID"]), -1)
@@ -67,7 +67,10 @@ def probs_table(image_ids, probs: dict, checkpoint: str, age_threshold: int) -> 
 
 
 def read_probs(paths) -> tuple[list, list[dict]]:
-    """Probability files -> (ImageIDs, [{'name', 'age_threshold', 'probs'}]); all members must list the same photos."""
+    """Probability files -> (ImageIDs, [{'name', 'schema', 'probs'}]); all members list the same photos, one schema.
+
+    A file without the age_threshold column (written by hand) is taken to share the others' schema.
+    """
     required = ["ImageID"] + [c for head in REQUIRED_HEADS for c in HEAD_COLUMNS[head]]
     members = []
     for path in paths:
@@ -85,20 +88,25 @@ def read_probs(paths) -> tuple[list, list[dict]]:
                     except ValueError as exc:
                         raise DataError(f"{path}: column(s) {', '.join(columns)} must be numbers ({exc})") from None
                     probs[head] = values[:, 0] if head == "age_reg" else values
-            threshold = None
+            member_name = f"{path}" + (f" [{name}]" if name else "")
+            schema = None
             if "age_threshold" in part.columns:
-                found = set(part["age_threshold"].str.strip())
-                threshold = int(found.pop()) if len(found) == 1 and next(iter(found)).isdigit() else found
-            members.append({"name": f"{path}" + (f" [{name}]" if name else ""), "age_threshold": threshold,
-                            "probs": probs, "image_ids": part["ImageID"].tolist()})
+                found = sorted(set(part["age_threshold"].str.strip()))
+                if len(found) != 1:
+                    raise DataError(f"{member_name}: column age_threshold holds {', '.join(found)}; one member has "
+                                    f"one threshold")
+                try:
+                    schema = labels.LabelSchema(found[0])
+                except ConfigError as exc:
+                    raise DataError(f"{member_name}: column age_threshold: {exc}") from None
+            members.append({"name": member_name, "schema": schema, "probs": probs,
+                            "image_ids": part["ImageID"].tolist()})
     first = members[0]
     for other in members[1:]:
         if other["image_ids"] != first["image_ids"]:
             raise DataError(f"{other['name']} and {first['name']} do not list the same photos in the same order; "
                             f"only probabilities of one data set can be ensembled")
-        if other["age_threshold"] != first["age_threshold"]:
-            raise ConfigError(f"{other['name']} uses age threshold {other['age_threshold']} but {first['name']} uses "
-                              f"{first['age_threshold']}: checkpoints of different schemas cannot be ensembled")
+    labels.check_same_schema([(m["name"], m["schema"]) for m in members if m["schema"] is not None])
     return first["image_ids"], members
 
 

@@ -121,7 +121,7 @@ def run(args, log=print) -> dict:
         return run_images(args, log)
     members = load_members(args.checkpoint)
     weights = check_weights(args.weights, len(members))
-    age_threshold = ckpt_io.threshold(members[0])
+    schema = ckpt_io.label_schema(members[0])  # NOTE: load_members checked that every member shares it
     if args.validate:
         report_dir = check_parent(Path(args.report))
         if report_dir.exists() and not report_dir.is_dir():
@@ -152,7 +152,7 @@ def run(args, log=print) -> dict:
                                    args.cache, args.workers, args.progress, log)
         image_ids = info["ImageID"].tolist()
     log(f"{len(members)} checkpoint(s), {len(samples)} photos, ensemble {args.ensemble if len(members) > 1 else '-'}"
-        f", TTA {', '.join(args.tta) or 'none'}, age threshold {age_threshold}")
+        f", TTA {', '.join(args.tta) or 'none'}, age threshold {schema.age_threshold}")
 
     if any(needs_crop):
         member_probs = predictor.member_probs(samples["image_path"].tolist())[0]
@@ -168,7 +168,7 @@ def run(args, log=print) -> dict:
         writes.append((args.out, lambda: atomic_write_csv(submission, args.out),
                        f"wrote {args.out}: {len(image_ids)} rows; classes predicted {class_counts_line(result.pred)}"))
     if args.save_probs:
-        probs = pd.concat([probs_table(image_ids, p, m["path"], ckpt_io.threshold(m))
+        probs = pd.concat([probs_table(image_ids, p, m["path"], schema)
                            for m, p in zip(members, member_probs)], ignore_index=True)
         writes.append((args.save_probs, lambda: atomic_write_csv(probs, args.save_probs),
                        f"wrote {args.save_probs}: per-task probabilities of {len(members)} checkpoint(s)"))
@@ -177,12 +177,13 @@ def run(args, log=print) -> dict:
         return out
     info = {"checkpoints": [m["path"] for m in members], "weights": weights.tolist(), "ensemble": args.ensemble,
             "tta": list(args.tta), "fold": split[0], "folds": split[1], "seed": split[2], "data": str(args.data),
-            "age_threshold": age_threshold, "photos": len(samples), "people": int(samples["person_id"].nunique())}
+            "age_threshold": schema.age_threshold, "photos": len(samples),
+            "people": int(samples["person_id"].nunique())}
     metrics = {}
 
     def report():
         report_dir.mkdir(exist_ok=True)
-        metrics.update(write_report(report_dir, samples, sources[load_size_of(members[0])], result, age_threshold,
+        metrics.update(write_report(report_dir, samples, sources[load_size_of(members[0])], result, schema,
                                     info, args.mistakes))
     write_outputs(writes + [(report_dir, report, None)], log)
     log(f"validation fold {split[0]} of {split[1]} ({info['photos']} photos, {info['people']} people): "

@@ -166,8 +166,7 @@ class Predictor:
     (True, True)
     >>> round(answer["p_mask_wear"] + answer["p_mask_incorrect"] + answer["p_mask_not_wear"], 4)
     1.0
-    >>> from mtl import labels
-    >>> labels.class_name(answer["class"]) == f"{answer['mask']}/{answer['gender']}/{answer['age']}"
+    >>> predictor.schema.class_name(answer["class"]) == f"{answer['mask']}/{answer['gender']}/{answer['age']}"
     True
     >>> list(predictor.predict_frame(["photo.jpg", "photo.jpg"]).columns[:5])
     ['path', 'mask', 'gender', 'age', 'class']
@@ -199,8 +198,8 @@ class Predictor:
         self.cache_dir, self.use_cache, self.progress = cache_dir, bool(use_cache), bool(progress)
         self.crop_batch_size = int(crop_batch_size or DEFAULT_BATCH_SIZE)
         self.log = log or (lambda *_: None)
-        self.age_threshold = ckpt_io.threshold(self.members[0])
-        self.class_names = labels.task_class_names(self.age_threshold)
+        self.schema = ckpt_io.label_schema(self.members[0])  # NOTE: load_members checked that all members share it
+        self.class_names = self.schema.class_names
         self.face_crops = [m["preprocess"].get("face_crop") for m in self.members]
         for member, record in zip(self.members, self.face_crops):
             if record is not None:
@@ -374,7 +373,6 @@ def plain(value):
 # ---------------------------------------------------------------- predict.py --images
 def run_images(args, log=print) -> dict:
     """predict.py --images: find the photos, check the outputs, predict, write one row per photo atomically."""
-    from mtl import checkpoint as ckpt_io
     from mtl.io import atomic_write_csv
     from mtl.outputs import check_output, probs_table, write_outputs
     out = check_output(args.out)
@@ -387,7 +385,7 @@ def run_images(args, log=print) -> dict:
     crops = sorted({json_key(r) for r in predictor.face_crops if r is not None})
     log(f"{len(predictor.members)} checkpoint(s), {len(photos)} photos, ensemble "
         f"{args.ensemble if len(predictor.members) > 1 else '-'}, TTA {', '.join(predictor.tta) or 'none'}, age "
-        f"threshold {predictor.age_threshold}" + (f", face crop {', '.join(crops)}" if crops else ""))
+        f"threshold {predictor.schema.age_threshold}" + (f", face crop {', '.join(crops)}" if crops else ""))
     done = predictor.table(photos, photos, skip_bad=bool(args.skip_bad))
     table = done["table"]
     faces = (f"; a face was found in {int(table['face_found'].sum())} of {len(table)}"
@@ -396,7 +394,7 @@ def run_images(args, log=print) -> dict:
                f"wrote {out}: {len(table)} rows" + (f" ({len(done['skipped'])} unreadable photo(s) left out)"
                                                     if done["skipped"] else "") + faces)]
     if args.save_probs:
-        probs = pd.concat([probs_table(table["path"], p, m["path"], ckpt_io.threshold(m))
+        probs = pd.concat([probs_table(table["path"], p, m["path"], predictor.schema)
                            for m, p in zip(predictor.members, done["member_probs"])], ignore_index=True)
         writes.append((args.save_probs, lambda: atomic_write_csv(probs, args.save_probs),
                        f"wrote {args.save_probs}: per-task probabilities of {len(predictor.members)} checkpoint(s)"))

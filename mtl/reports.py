@@ -57,19 +57,19 @@ def validation_fold(members, data_root, fold=None, folds=None, seed=None, relabe
     return samples, sources, (fold, folds, seed)
 
 
-def truth_of(samples: pd.DataFrame, age_threshold: int) -> dict:
-    """Per-task truth arrays of a sample table (age in years, age group at the threshold, 18-class joint)."""
-    mask, gender, age = (samples[c].to_numpy(np.int64) for c in ("mask", "gender", "age"))
-    age_grp = labels.age_group(age, age_threshold)
-    return {"mask": mask, "gender": gender, "age": age, "age_group": age_grp,
-            "joint": labels.encode(mask, gender, age_grp)}
+def truth_of(samples: pd.DataFrame, schema: labels.LabelSchema) -> dict:
+    """Per-task truth arrays of a sample table: mask, gender, age_years, age_group (at the threshold), joint."""
+    mask, gender, years = (samples[c].to_numpy(np.int64) for c in ("mask", "gender", "age"))
+    age_grp = schema.group(years)
+    return {"mask": mask, "gender": gender, "age_years": years, "age_group": age_grp,
+            "joint": schema.encode(mask, gender, age_grp)}
 
 
-def people_table(samples, truth, result: Ensemble) -> pd.DataFrame:
+def people_table(samples, truth, result: Ensemble, schema: labels.LabelSchema) -> pd.DataFrame:
     """Per person: how many of their photos got wrong 18-class, gender and age-group answers (relabel candidates)."""
     pm, pg, pa = labels.decode(result.pred)
     table = pd.DataFrame({"person_id": samples["person_id"].to_numpy(), "gender": truth["gender"],
-                          "age": truth["age"], "age_group": truth["age_group"], "photos": 1,
+                          "age": truth["age_years"], "age_group": truth["age_group"], "photos": 1,
                           "wrong": (result.pred != truth["joint"]).astype(int),
                           "gender_wrong": (pg != truth["gender"]).astype(int),
                           "age_wrong": (pa != truth["age_group"]).astype(int)})
@@ -80,8 +80,9 @@ def people_table(samples, truth, result: Ensemble) -> pd.DataFrame:
     if "predicted_age" in table:
         agg["predicted_age"] = "mean"
     people = table.groupby("person_id", sort=False).agg(agg).reset_index()
-    people["gender"] = [labels.TASK_CLASSES["gender"][g] for g in people["gender"]]
-    people["age_group"] = [labels.TASK_CLASSES["age"][a] for a in people["age_group"]]
+    names = schema.class_names
+    people["gender"] = [names["gender"][g] for g in people["gender"]]
+    people["age_group"] = [names["age"][a] for a in people["age_group"]]
     if "predicted_age" in people:
         people["predicted_age"] = people["predicted_age"].round(1)
     suspicion = np.maximum(people["gender_wrong"], people["age_wrong"]) / people["photos"]
@@ -89,19 +90,19 @@ def people_table(samples, truth, result: Ensemble) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- the report
-def write_report(report_dir, samples, images, result: Ensemble, age_threshold: int, info: dict,
+def write_report(report_dir, samples, images, result: Ensemble, schema: labels.LabelSchema, info: dict,
                  n_mistakes=48) -> dict:
     """Write metrics.json, per_class.csv, predictions.csv, mistakes.csv/png, people.csv, confusion PNGs, report.md."""
     from mtl.plots import confusion_figure, photo_grid, save_png
     report_dir = Path(report_dir)
-    truth = truth_of(samples, age_threshold)
-    metrics = score(result.probs, {k: truth[k] for k in ("mask", "gender", "age")}, age_threshold, pred=result.pred)
+    truth = truth_of(samples, schema)
+    metrics = score(result.probs, truth, schema, pred=result.pred)
     parts = dict(zip(labels.TASKS, labels.decode(result.pred)))
     truths = {"mask": truth["mask"], "gender": truth["gender"], "age": truth["age_group"]}
-    names18 = [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    names18 = schema.joint_names
 
     per_class = {"18": per_class_report(truth["joint"], result.pred, names18)}
-    per_class.update({task: per_class_report(truths[task], parts[task], labels.TASK_CLASSES[task])
+    per_class.update({task: per_class_report(truths[task], parts[task], schema.class_names[task])
                       for task in labels.TASKS})
     atomic_write_text(json.dumps({**info, "metrics": metrics, "per_class": per_class}, indent=2),
                       report_dir / "metrics.json")
@@ -111,13 +112,13 @@ def write_report(report_dir, samples, images, result: Ensemble, age_threshold: i
     figures = {"confusion_18.png": confusion_figure(confusion(truth["joint"], result.pred, labels.NUM_JOINT), names18,
                                                     f"18 classes (F1 {metrics['f1']:.3f})")}
     for task in labels.TASKS:
-        names = labels.TASK_CLASSES[task]
+        names = schema.class_names[task]
         figures[f"confusion_{task}.png"] = confusion_figure(confusion(truths[task], parts[task], len(names)), names,
                                                             f"{task} (F1 {metrics[f'{task}_f1']:.3f})")
 
     predictions = pd.DataFrame({
         "image_path": samples["image_path"].to_numpy(), "person_id": samples["person_id"].to_numpy(),
-        "photo": samples["photo"].to_numpy(), "age": truth["age"], "true": truth["joint"], "pred": result.pred,
+        "photo": samples["photo"].to_numpy(), "age": truth["age_years"], "true": truth["joint"], "pred": result.pred,
         "confidence": np.round(result.confidence.astype(np.float64), 4),
         "true_name": [names18[c] for c in truth["joint"]], "pred_name": [names18[c] for c in result.pred]})
     atomic_write_csv(predictions, report_dir / "predictions.csv")
@@ -125,14 +126,14 @@ def write_report(report_dir, samples, images, result: Ensemble, age_threshold: i
     wrong = wrong[np.argsort(-result.confidence[wrong], kind="stable")]
     atomic_write_csv(predictions.iloc[wrong], report_dir / "mistakes.csv")
     shown = wrong[:n_mistakes]
-    captions = [f"{samples['person_id'].iat[i]} {samples['photo'].iat[i]} (age {truth['age'][i]})\n"
+    captions = [f"{samples['person_id'].iat[i]} {samples['photo'].iat[i]} (age {truth['age_years'][i]})\n"
                 f"true {names18[truth['joint'][i]]}\npred {names18[result.pred[i]]} ({result.confidence[i]:.2f})"
                 for i in shown]
     figures["mistakes.png"] = photo_grid([np.array(images[i]) for i in shown], captions,
                                          f"{len(shown)} most confident of {len(wrong)} mistakes", columns=6)
     for name, fig in figures.items():
         save_png(fig, report_dir / name)
-    people = people_table(samples, truth, result)
+    people = people_table(samples, truth, result, schema)
     atomic_write_csv(people, report_dir / "people.csv")
     atomic_write_text(report_markdown(info, metrics, per_class, people, len(wrong), len(shown)),
                       report_dir / "report.md")

@@ -68,10 +68,10 @@ class SoupScorer:
         self.device = resolve_device(device)
         self.dtype, self.channels_last = amp_dtype(amp, self.device), self.device.type == "cuda"
         self.tta, self.progress = tta, progress
-        self.threshold = ckpt_io.threshold(template)
-        dataset = FaceDataset(samples, images, eval_transform(template["preprocess"]), self.threshold)
+        self.schema = ckpt_io.label_schema(template)
+        dataset = FaceDataset(samples, images, eval_transform(template["preprocess"]), self.schema)
         self.loader = make_loader(dataset, batch_size, workers, device=self.device)
-        self.truth = {k: v for k, v in truth_of(samples, self.threshold).items() if k in ("mask", "gender", "age")}
+        self.truth = truth_of(samples, self.schema)
         self.model = prepare_model(ckpt_io.build_model(template), self.device, self.channels_last)
 
     def __call__(self, state: dict, desc="scoring") -> dict:
@@ -82,7 +82,7 @@ class SoupScorer:
         self.model.load_state_dict(clean_state_dict(state))
         probs = predict_probs(self.model, self.loader, self.device, self.dtype, self.channels_last, self.tta,
                               self.progress, desc)
-        return score(probs, self.truth, self.threshold)
+        return score(probs, self.truth, self.schema)
 
 
 def greedy_soup(members, scorer, log=print) -> dict:

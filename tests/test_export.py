@@ -90,7 +90,7 @@ def test_record_is_all_a_deployment_needs(exported, checkpoints, synthetic_data,
     assert {"labels", "age_threshold", "input_size", "face_crop"} <= set(saved)
     assert saved["age_threshold"] == 60 and saved["labels"]["age"] == ["<30", "30-59", "60+"]
     assert saved["input_size"] == [48, 64] and saved["face_crop"] is None and saved["input"]["layout"] == "NHWC"
-    assert saved["labels"]["classes"][7] == labels.class_name(7)
+    assert saved["labels"]["classes"][7] == labels.LabelSchema().class_name(7)
     photos = []
     for k, jpeg in enumerate(sorted((synthetic_data / "eval" / "images").iterdir())[:6]):
         photos.append(tmp_path / f"{k}.png")  # NOTE: PNG, so both sides decode the very same pixels
@@ -124,7 +124,7 @@ def test_the_readme_deployment_example_runs(exported, synthetic_data, tmp_path):
             exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the documented example
     finally:
         os.chdir(before)
-    assert printed.getvalue().strip() in [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    assert printed.getvalue().strip() in [labels.LabelSchema().class_name(c) for c in range(labels.NUM_JOINT)]
 
 
 class UnexportableHead(model.LinearHead):

@@ -23,8 +23,8 @@ def test_round_trip_over_all_18_classes():
 def test_competition_class_numbers():
     # class = mask*6 + gender*3 + age: e.g. incorrect/female/60+ is 1*6 + 1*3 + 2
     assert labels.encode(1, 1, 2) == 11
-    assert labels.class_name(11) == "incorrect/female/60+"
-    assert labels.class_name(0) == "wear/male/<30"
+    assert labels.LabelSchema().class_name(11) == "incorrect/female/60+"
+    assert labels.LabelSchema().class_name(0) == "wear/male/<30"
 
 
 def test_threshold_moves_ages_between_groups():
@@ -49,8 +49,8 @@ def test_threshold_outside_range_is_refused(bad):
 
 
 def test_schema_records_threshold():
-    assert labels.schema(59)["age_threshold"] == 59
-    assert labels.schema(59) != labels.schema(60)
+    assert labels.LabelSchema(59).to_dict()["age_threshold"] == 59
+    assert labels.LabelSchema(59).to_dict() != labels.LabelSchema(60).to_dict()
 
 
 # ---------------------------------------------------------------- LabelSchema: the whole schema at one threshold
@@ -82,7 +82,7 @@ def test_schema_record_round_trips_and_reads_version_1():
     at59 = labels.LabelSchema(59)
     record = at59.to_dict()
     assert record["version"] == labels.SCHEMA_VERSION and record["tasks"]["age"] == ["<30", "30-58", "59+"]
-    assert labels.LabelSchema.from_dict(record) == at59 and labels.schema(59) == record
+    assert labels.LabelSchema.from_dict(record) == at59 and labels.LabelSchema(59).to_dict() == record
     # what checkpoints written before LabelSchema hold: the age groups named at 60 whatever the threshold
     version_1 = {"version": 1, "tasks": {"mask": ["wear", "incorrect", "not wear"], "gender": ["male", "female"],
                                          "age": ["<30", "30-59", "60+"]},

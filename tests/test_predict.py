@@ -256,7 +256,7 @@ def test_unreadable_image_is_named(ckpts, synthetic_data, cache_dir, tmp_path, n
 
 def test_checkpoints_of_different_schemas_are_refused(ckpts, synthetic_data, tmp_path, no_forward):
     other = torch.load(ckpts[1], map_location="cpu", weights_only=True)
-    other["schema"] = labels.schema(59)
+    other["schema"] = labels.LabelSchema(59).to_dict()
     torch.save(other, tmp_path / "threshold59.pt")
     with pytest.raises(ConfigError, match="different schemas"):
         run_predict("--checkpoint", ckpts[0], tmp_path / "threshold59.pt", "--data", synthetic_data, "--out",
@@ -438,7 +438,7 @@ def text_boxes(fig, texts):
 @pytest.mark.slow
 def test_the_mistakes_title_sits_above_every_caption_and_nothing_is_cut(n):
     from mtl.plots import photo_grid, plt
-    names = [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    names = [labels.LabelSchema().class_name(c) for c in range(labels.NUM_JOINT)]
     captions = [f"{i:06d} incorrect_mask (age 59)\ntrue {names[i % 18]}\npred {names[17 - i % 18]} (0.93)"
                 for i in range(n)]
     fig = photo_grid([np.zeros((256, 192, 3), np.uint8)] * n, captions, f"{n} most confident of 97 mistakes", 6)
@@ -454,7 +454,7 @@ def test_the_mistakes_title_sits_above_every_caption_and_nothing_is_cut(n):
 
 def test_confusion_matrices_show_every_class_name_whole():
     from mtl.plots import confusion_figure, plt
-    for names in ([labels.class_name(c) for c in range(labels.NUM_JOINT)], labels.TASK_CLASSES["mask"]):
+    for names in ([labels.LabelSchema().class_name(c) for c in range(labels.NUM_JOINT)], labels.MASK_NAMES):
         cm = np.arange(len(names) ** 2).reshape(len(names), -1)
         fig = confusion_figure(cm, names, "18 classes (F1 0.712)")
         ax = fig.axes[0]

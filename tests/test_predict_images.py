@@ -95,7 +95,7 @@ def test_folder_prediction_equals_the_competition_path(photos, ckpts, synthetic_
         got = exact[[c for c in PROBS if c.startswith(f"p_{task}_")]].to_numpy()
         assert np.abs(got - soft[task][rows]).max() < 1e-6, (task, np.abs(got - soft[task][rows]).max())
     assert np.abs(exact["age_years"] - soft["age_reg"][rows]).max() < 1e-4
-    names = [labels.class_name(c).split("/") for c in table["class"]]  # names and class agree
+    names = [labels.LabelSchema().class_name(c).split("/") for c in table["class"]]  # names and class agree
     assert table[["mask", "gender", "age"]].values.tolist() == names
     assert "wrote" in mine["log"] and not list(tmp_path.glob(".*.tmp"))
 
@@ -113,7 +113,7 @@ def test_python_api_takes_paths_pil_images_and_arrays_alike(photos, ckpts):
         assert {k: v for k, v in answer.items() if k != "path"} == pytest.approx(
             {k: v for k, v in by_path.items() if k != "path"}, rel=1e-6, abs=1e-6)
     assert all(type(v) in (str, int, float) for k, v in by_path.items()), by_path  # plain data
-    assert by_path["mask"] in labels.TASK_CLASSES["mask"] and 0 <= by_path["class"] < 18
+    assert by_path["mask"] in labels.MASK_NAMES and 0 <= by_path["class"] < 18
     frame = predictor.predict_frame(pixels[None].repeat(3, axis=0))  # an (N, H, W, 3) batch
     assert len(frame) == 3 and frame["class"].nunique() == 1
     with pytest.raises(ConfigError, match=r"image 0: expected a uint8 RGB array of shape \(H, W, 3\)"):
@@ -126,7 +126,7 @@ def test_age_groups_are_named_at_the_checkpoints_threshold(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(photo)
     answer = Predictor(ckpt, device="cpu").predict(photo)
     assert [k for k in answer if k.startswith("p_age")] == ["p_age_<30", "p_age_30-58", "p_age_59+"]
-    assert answer["age"] in ("<30", "30-58", "59+") and labels.age_group_names(59) == ("<30", "30-58", "59+")
+    assert answer["age"] in ("<30", "30-58", "59+") and labels.LabelSchema(59).age_names == ("<30", "30-58", "59+")
     assert "age_years" not in answer and "face_found" not in answer
 
 

@@ -43,7 +43,7 @@ def labelled(best, synthetic_data, cache_dir, tmp_path_factory):
     truth = pd.read_csv(synthetic_data / "eval_truth.csv")
     assert truth["ImageID"].tolist() == result["image_ids"]
     return {**result, "truth": {"mask": truth["mask"].to_numpy(), "gender": truth["gender"].to_numpy(),
-                                "age": labels.age_group(truth["age"].to_numpy(), result["age_threshold"])}}
+                                "age": result["schema"].group(truth["age"].to_numpy())}}
 
 
 @pytest.fixture
@@ -97,12 +97,11 @@ def test_the_table_holds_the_confident_tasks_and_reads_back(labelled, synthetic_
     assert all(Path(p).is_absolute() for p in written["path"])  # the CSV lies outside the data folder
     for task in ("mask", "gender"):
         assert table[task].tolist() == found[task][keep].tolist()
-    threshold = labelled["age_threshold"]
-    assert labels.age_group(table["age"].to_numpy(), threshold).tolist() == found["age_group"][keep].tolist()
+    assert labelled["schema"].group(table["age"].to_numpy()).tolist() == found["age_group"][keep].tolist()
     assert not (table[["mask", "gender", "age"]] == labels.UNKNOWN).all(axis=1).any()  # no all-unknown rows
     reg = np.round(labelled["result"].probs["age_reg"]).astype(int)
     assert found["age_from_reg"].any()
-    assert np.array_equal(found["age"][found["age_from_reg"]], reg[found["age_from_reg"]])
+    assert np.array_equal(found["age_years"][found["age_from_reg"]], reg[found["age_from_reg"]])
     log = labelled["log"]
     for task in labels.TASKS:
         values = found["age_group" if task == "age" else task]
@@ -111,10 +110,10 @@ def test_the_table_holds_the_confident_tasks_and_reads_back(labelled, synthetic_
 
 
 def test_the_bar_decides_what_stays_unknown(labelled):
-    probs, threshold = labelled["result"].probs, labelled["age_threshold"]
+    probs, schema = labelled["result"].probs, labelled["schema"]
     unknown = {}
     for bar in (0.0, 0.5, 0.9, 0.99, 1.0):
-        found = pseudo_label.pseudo_labels(probs, pseudo_label.check_bars(bar), threshold)
+        found = pseudo_label.pseudo_labels(probs, pseudo_label.check_bars(bar), schema)
         unknown[bar] = {task: int((found["age_group" if task == "age" else task] < 0).sum()) for task in labels.TASKS}
     print(unknown)
     n = len(probs["mask"])
@@ -128,7 +127,7 @@ def test_the_bar_decides_what_stays_unknown(labelled):
     # a task's own bar overrides --min-confidence for that task only
     bars = pseudo_label.check_bars(0.9, {"gender": 1.0, "mask": None})
     assert bars == {"mask": 0.9, "gender": 1.0, "age": 0.9}
-    found = pseudo_label.pseudo_labels(probs, bars, threshold)
+    found = pseudo_label.pseudo_labels(probs, bars, schema)
     assert (found["gender"] < 0).sum() >= 0.95 * n and (found["mask"] < 0).sum() == unknown[0.9]["mask"]
 
 
@@ -143,7 +142,7 @@ def test_pseudo_labels_join_the_training_photos(labelled, best, synthetic_data, 
     assert not fold.val_samples["person_id"].str.startswith("pseudo:").any()
     rows = np.flatnonzero((fold.train_samples["source"] == "extra:extra.csv").to_numpy())
     targets = FaceDataset(extra.reset_index(drop=True), fold.train_images.take(rows), None,
-                          labelled["age_threshold"]).targets()
+                          labelled["schema"]).targets()
     found = labelled["labels"]
     keep = (found["mask"] >= 0) | (found["gender"] >= 0) | (found["age_group"] >= 0)
     for key in ("mask", "gender", "age_group"):
@@ -195,9 +194,7 @@ def test_known_probabilities_give_the_expected_table(best, synthetic_data, cache
     assert written["mask"].tolist() == ["0", "1", "2", "2"]
     assert written["age"].tolist() == ["-1", "-1", "-1", "-1"]
     assert not result["labels"]["age_from_reg"].any()
-    assert pseudo_label.stand_in_ages(60).tolist() == [25, 45, 65]
-    for threshold in (31, 45, 59, 60, 99):
-        assert labels.age_group(pseudo_label.stand_in_ages(threshold), threshold).tolist() == [0, 1, 2], threshold
+    assert labels.LabelSchema(60).stand_in_years([0, 1, 2]).tolist() == [25, 45, 65]
 
 
 def test_nothing_confident_writes_nothing(best, synthetic_data, cache_dir, tmp_path, monkeypatch, capsys):

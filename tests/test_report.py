@@ -40,7 +40,7 @@ def test_counts_match_what_was_generated(small_data, tmp_path, capsys):
     train, evals = expected_photos(small_data)
     assert table["train photos"].tolist() == train.tolist()
     assert table["eval photos"].tolist() == evals.tolist()
-    assert table["name"].tolist() == [labels.class_name(c) for c in range(labels.NUM_JOINT)]
+    assert table["name"].tolist() == [labels.LabelSchema().class_name(c) for c in range(labels.NUM_JOINT)]
     people = pd.read_csv(small_data / "train" / "train.csv")
     tasks = report.task_tables(facts)
     assert tasks["gender"]["train people"].tolist() == [(people["gender"] == "male").sum(),

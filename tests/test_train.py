@@ -36,7 +36,7 @@ def test_run_writes_every_artifact(trained_run):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["f1"] == pytest.approx(trained_run["best_f1"])
     best = checkpoint.load(out / "best.pt")
-    assert best["schema"] == labels.schema(60) and best["epoch"] == trained_run["best_epoch"]
+    assert best["schema"] == labels.LabelSchema(60).to_dict() and best["epoch"] == trained_run["best_epoch"]
     assert best["preprocess"]["img_size"] == [48, 64] and best["config"]["arch"] == "multihead"
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in best["model"])
     assert config.build(config_file=out / "config.yaml").epochs == 20

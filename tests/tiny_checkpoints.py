@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from mtl import checkpoint, config, labels
+from mtl import checkpoint, config
 from mtl.model import model_from_config, normalization
 from mtl.transforms import make_preprocess
 from tests.conftest import TINY
@@ -20,6 +20,6 @@ def untrained_checkpoint(path, face_crop=None, seed=0, **overrides) -> Path:
             module.running_var.uniform_(0.5, 2.0)
     mean, std = normalization(model)
     preprocess = make_preprocess(cfg.img_size, cfg.load_size, cfg.center_crop, mean, std, face_crop=face_crop)
-    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "schema": labels.schema(cfg.age_threshold),
+    checkpoint.save({"model": model.state_dict(), "config": cfg.to_dict(), "schema": checkpoint.schema_for(cfg),
                      "preprocess": preprocess, "epoch": 0, "metrics": {}}, path)
     return Path(path)
