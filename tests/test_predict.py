@@ -216,6 +216,21 @@ def test_validation_report_agrees_with_training(ckpts, trained_run, synthetic_da
     assert "mistakes.png" in text and "confusion_18.png" in text
 
 
+def test_the_report_names_age_groups_at_the_checkpoints_threshold(synthetic_data, cache_dir, tmp_path):
+    from tests.tiny_checkpoints import untrained_checkpoint
+    at59 = untrained_checkpoint(tmp_path / "at59.pt", age_threshold=59)
+    report = tmp_path / "report"
+    run_predict("--checkpoint", at59, "--data", synthetic_data, "--validate", "--report", report, "--workers", "0",
+                cache_dir=cache_dir)
+    per_class = pd.read_csv(report / "per_class.csv")
+    assert per_class[per_class["task"] == "age"]["name"].tolist() == ["<30", "30-58", "59+"]
+    assert per_class[per_class["task"] == "18"]["name"].tolist()[:3] == ["wear/male/<30", "wear/male/30-58",
+                                                                        "wear/male/59+"]
+    people = pd.read_csv(report / "people.csv")
+    assert set(people["age_group"]) <= {"<30", "30-58", "59+"} and json.loads(
+        (report / "metrics.json").read_text())["age_threshold"] == 59
+
+
 # ---------------------------------------------------------------- bad input
 def test_missing_info_csv(ckpts, synthetic_data, tmp_path, no_forward):
     data = eval_subset(synthetic_data, tmp_path / "data", info=False)
