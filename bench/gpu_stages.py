@@ -146,17 +146,6 @@ def deterministic(ctx, notes: list):
             notes += sorted({str(w.message).splitlines()[0][:160] for w in caught if "determinis" in str(w.message)})
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(n):
-    def on_epoch(epoch, metrics):
-        if epoch == n:
-            raise _Stop
-    return on_epoch
-
-
 def state_diff(a: dict, b: dict) -> dict:
     """How far two state dicts (or optimizer states) differ: bitwise?, max |a-b|, and that over max |a|."""
     import torch
@@ -200,7 +189,7 @@ def epoch_losses(run_dir) -> list[float]:
 def train_and_resume(ctx, amp, compile_=False, model=None):
     """2 epochs straight, and 1 epoch + a resume for the 2nd: losses finite, the two last.pt files equal."""
     from mtl import checkpoint
-    from mtl.train import train
+    from mtl.train import Interrupted, interrupt_after, train
     out = ctx.folder(f"train_{amp}{'_compile' if compile_ else ''}")
     overrides = {"amp": amp, "compile": compile_, **({"model": model} if model else {})}
     notes, times = [], {}
@@ -209,8 +198,8 @@ def train_and_resume(ctx, amp, compile_=False, model=None):
         full = train(small_config(ctx, out=str(out / "full"), **overrides), log=quiet)
         times["straight_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with contextlib.suppress(_Stop):
-            train(small_config(ctx, out=str(out / "part"), **overrides), on_epoch=_stop_after(1), log=quiet)
+        with contextlib.suppress(Interrupted):
+            train(small_config(ctx, out=str(out / "part"), **overrides), on_epoch=interrupt_after(1), log=quiet)
         saved = checkpoint.load(out / "part" / "last.pt")
         from mtl import config
         resumed = train(config.build({"resume": str(out / "part" / "last.pt")}, base=saved["config"]), log=quiet)

@@ -339,6 +339,18 @@ def summary_line(epoch, cfg, stats, metrics, seconds, best):
 
 
 # ---------------------------------------------------------------- main entry
+class Interrupted(Exception):
+    """Raised by an `interrupt_after` callback: the run stopped as a kill after that epoch would leave it."""
+
+
+def interrupt_after(epoch: int):
+    """An on_epoch callback that stops training after `epoch`, its checkpoints written (resume tests and checks)."""
+    def on_epoch(done, metrics):
+        if done == epoch:
+            raise Interrupted(f"interrupted after epoch {epoch}")
+    return on_epoch
+
+
 def train(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) -> dict:
     """Train one fold (or every fold with cfg.all_folds, each into out/fold<k>); returns the best metrics."""
     if not cfg.all_folds:

@@ -12,20 +12,9 @@ from mtl import checkpoint, config
 from mtl.errors import ConfigError
 from mtl.inference import amp_dtype, use_channels_last
 from mtl.loader import make_loader
-from mtl.train import setup, train
+from mtl.train import Interrupted, interrupt_after, setup, train
 
 QUIET = {"log": lambda *_: None}
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(n):
-    def on_epoch(epoch, metrics):
-        if epoch == n:
-            raise _Stop
-    return on_epoch
 
 
 def first_conv_dtypes(monkeypatch):
@@ -50,8 +39,8 @@ def test_bf16_autocast_training_resumes_exactly_on_the_cpu(tiny_config, tmp_path
     options = {"epochs": 2, "amp": "bf16", "channels_last": True, "device": "cpu", "ema": 0.9, "img_size": [24, 32],
                "batch_size": 64}
     full = train(tiny_config(out=str(tmp_path / "full"), **options), **QUIET)
-    with pytest.raises(_Stop):
-        train(tiny_config(out=str(tmp_path / "part"), **options), on_epoch=_stop_after(1), **QUIET)
+    with pytest.raises(Interrupted):
+        train(tiny_config(out=str(tmp_path / "part"), **options), on_epoch=interrupt_after(1), **QUIET)
     saved = checkpoint.load(tmp_path / "part" / "last.pt")
     resumed = train(config.build({"resume": str(tmp_path / "part" / "last.pt")}, base=saved["config"]), **QUIET)
     assert resumed["epochs_run"] == 1 and 0 <= full["best_f1"] <= 1
@@ -130,8 +119,8 @@ def test_pinned_memory_asked_without_cuda_falls_back_to_the_same_batches(synthet
 def test_compile_trains_resumes_and_saves_plain_weights(tiny_config, tmp_path):
     # NOTE: inductor builds C++ kernels on the CPU: over a minute on 2 cores, hence slow
     options = {"epochs": 2, "compile": True, "device": "cpu", "batch_size": 32}
-    with pytest.raises(_Stop):
-        train(tiny_config(out=str(tmp_path / "part"), **options), on_epoch=_stop_after(1), **QUIET)
+    with pytest.raises(Interrupted):
+        train(tiny_config(out=str(tmp_path / "part"), **options), on_epoch=interrupt_after(1), **QUIET)
     saved = checkpoint.load(tmp_path / "part" / "last.pt")
     assert saved["config"]["compile"] is True
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in saved["model"])

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mtl import checkpoint, config, labels
 from mtl.errors import ConfigError
-from mtl.train import TrainingError, train
+from mtl.train import Interrupted, TrainingError, interrupt_after, train
 from tests.helpers import ROOT, SHARED, free_port
 
 QUIET = {"log": lambda *_: None}
@@ -110,8 +110,8 @@ def test_checkpoint_rebuilds_the_model(trained_run):
 def test_resume_continues_exactly(tiny_config, tmp_path):
     train(tiny_config(epochs=3, out=str(tmp_path / "full"), ema=0.9), **QUIET)
     first = tiny_config(epochs=3, out=str(tmp_path / "part"), ema=0.9)
-    with pytest.raises(_Stop):
-        train(first, on_epoch=_stop_after(2), **QUIET)
+    with pytest.raises(Interrupted):
+        train(first, on_epoch=interrupt_after(2), **QUIET)
     saved = checkpoint.load(tmp_path / "part" / "last.pt")
     assert saved["epoch"] == 2
     resumed_cfg = config.build({"resume": str(tmp_path / "part" / "last.pt")}, base=saved["config"])
@@ -141,17 +141,6 @@ def test_progress_counts_the_best_epoch_and_early_stopping():
     again = Progress()
     again.load_state_dict(old)
     assert again == progress.__class__(**old) and again.state_dict() == old
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(n):
-    def on_epoch(epoch, metrics):
-        if epoch == n:
-            raise _Stop
-    return on_epoch
 
 
 @pytest.mark.parametrize("options", [
