@@ -85,6 +85,13 @@ def trained_run(synthetic_data, cache_dir, tmp_path_factory):
     return built_once(tmp_path_factory, "trained", build)
 
 
+@pytest.fixture(scope="session")
+def ckpts(trained_run):
+    """(best.pt, last.pt) of the shared trained run."""
+    out = Path(trained_run["out"])
+    return out / "best.pt", out / "last.pt"
+
+
 def pytest_collection_modifyitems(items):
     """Every test that needs the shared trained run is slow: the run alone takes over a minute on 2 cores."""
     for item in items:

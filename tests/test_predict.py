@@ -23,17 +23,7 @@ from mtl.errors import ConfigError, DataError, MTLError
 from mtl.inference import predict_probs
 from mtl.members import check_face_crop
 from mtl.metrics import predict_classes, recombine
-from tests.helpers import ROOT, run_command
-
-
-def run_predict(*args, cache_dir=None) -> dict:
-    return run_command(predict, *args, cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="module")
-def ckpts(trained_run):
-    out = Path(trained_run["out"])
-    return out / "best.pt", out / "last.pt"
+from tests.helpers import ROOT, run_command, run_predict
 
 
 @pytest.fixture(scope="module")

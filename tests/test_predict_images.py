@@ -13,21 +13,11 @@ from mtl import labels, predict
 from mtl.cli import main_guard
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.predictor import Predictor, find_photos
-from tests.helpers import run_command
+from tests.helpers import run_predict
 from tests.tiny_checkpoints import untrained_checkpoint
 
 PROBS = ["p_mask_wear", "p_mask_incorrect", "p_mask_not_wear", "p_gender_male", "p_gender_female", "p_age_<30",
          "p_age_30-59", "p_age_60+"]
-
-
-def run_predict(*args, cache_dir=None) -> dict:
-    return run_command(predict, *args, cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="module")
-def ckpts(trained_run):
-    out = Path(trained_run["out"])
-    return out / "best.pt", out / "last.pt"
 
 
 @pytest.fixture

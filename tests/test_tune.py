@@ -22,7 +22,6 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY
 
 import mtl.train
 from mtl import config
@@ -31,6 +30,7 @@ from mtl.train import TrainingError
 from mtl.tune import TuneSettings, check_settings
 from mtl.tune import space as search_space
 from mtl.tune import study as tune_study
+from tests.conftest import TINY
 from tests.helpers import ROOT, free_port
 
 SPACE = {"loss_weights": {"type": "loss_weights", "low": 0.2, "high": 5.0},

@@ -11,10 +11,8 @@ import time
 import optuna
 import pandas as pd
 import pytest
-import yaml
-from conftest import TINY
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, tiny_study_inputs
 
 pytestmark = pytest.mark.faults
 
@@ -22,11 +20,7 @@ pytestmark = pytest.mark.faults
 @pytest.fixture(scope="module")
 def command(tmp_path_factory, cache_dir):
     """tune.py's command line on 20 synthetic people at 40x52, 2 epochs a trial, for a study in `out`."""
-    from data_tools.make_synthetic import make_synthetic
-    folder = tmp_path_factory.mktemp("tune_faults")
-    data = make_synthetic(folder / "data", people=20, seed=3, eval_people=2, size=(48, 64), progress=False)
-    base = folder / "tiny.yaml"
-    base.write_text(yaml.safe_dump({**TINY, "img_size": [40, 52], "log_images": 0, "epochs": 2}))
+    data, base = tiny_study_inputs(tmp_path_factory.mktemp("tune_faults"), seed=3, epochs=2)
 
     def make(out):
         return ["--config", str(base), "--data", str(data), "--cache-dir", str(cache_dir), "--out", str(out),

@@ -25,10 +25,8 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import yaml
-from conftest import TINY
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, tiny_study_inputs
 
 pytestmark = pytest.mark.faults
 
@@ -102,11 +100,7 @@ def postgres():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, cache_dir):
     """20 synthetic people at 40x52 and a 1-epoch test_efficientnet config (the default search space)."""
-    from data_tools.make_synthetic import make_synthetic
-    folder = tmp_path_factory.mktemp("pg_tune")
-    data = make_synthetic(folder / "data", people=20, seed=2, eval_people=2, size=(48, 64), progress=False)
-    base = folder / "tiny.yaml"
-    base.write_text(yaml.safe_dump({**TINY, "img_size": [40, 52], "log_images": 0, "epochs": 1}))
+    data, base = tiny_study_inputs(tmp_path_factory.mktemp("pg_tune"), seed=2, epochs=1)
     return {"data": data, "config": base, "cache": cache_dir}
 
 
