@@ -106,7 +106,9 @@ def read_probs(paths) -> tuple[list, list[dict]]:
         if other["image_ids"] != first["image_ids"]:
             raise DataError(f"{other['name']} and {first['name']} do not list the same photos in the same order; "
                             f"only probabilities of one data set can be ensembled")
-    labels.check_same_schema([(m["name"], m["schema"]) for m in members if m["schema"] is not None])
+    known = [(m["name"], m["schema"]) for m in members if m["schema"] is not None]
+    if known:
+        labels.check_same_schema(known)
     return first["image_ids"], members
 
 

@@ -95,6 +95,10 @@ def test_probabilities_are_saved_and_redo_the_submission(single, tmp_path):
     redo = run_predict("--from-probs", single["dir"] / "probs.csv", "--out", tmp_path / "redo.csv")
     assert (tmp_path / "redo.csv").read_bytes() == (single["dir"] / "sub.csv").read_bytes()
     assert np.array_equal(redo["result"].pred, single["result"].pred)
+    # a file written by hand, without the checkpoint and age_threshold columns, is read the same way
+    probs.drop(columns=["checkpoint", "age_threshold"]).to_csv(tmp_path / "by_hand.csv", index=False)
+    run_predict("--from-probs", tmp_path / "by_hand.csv", "--out", tmp_path / "by_hand_sub.csv")
+    assert (tmp_path / "by_hand_sub.csv").read_bytes() == (single["dir"] / "sub.csv").read_bytes()
 
 
 # ---------------------------------------------------------------- ensembles
