@@ -25,7 +25,8 @@ from mtl.cli import main_guard
 from mtl.data import Problem, format_problems, read_csv_checked
 from mtl.ensemble import check_weights, hard_vote, tied_classes, vote_counts
 from mtl.errors import ConfigError, DataError
-from mtl.io import atomic_write_csv, check_parent
+from mtl.io import atomic_write_csv
+from mtl.outputs import check_output
 
 SUBMISSION_COLUMNS = ("ImageID", "ans")
 MIN_FILES = 2
@@ -82,14 +83,6 @@ def vote(tables, weights=None) -> np.ndarray:
     """
     answers = np.stack([answers_of(t) for t in tables])
     return hard_vote(answers, check_weights(weights, len(answers), "submission", positive=True))[0]
-
-
-def check_output(path) -> Path:
-    """An output file whose folder exists and which is not a folder itself."""
-    path = check_parent(path)
-    if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder; give a file name")
-    return path
 
 
 def run(paths, out, weights=None, log=print) -> pd.DataFrame:
