@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from mtl.errors import MTLError
+from mtl.names import AMP_MODES, TTA
 
 
 def main_guard(main, interrupted="interrupted: checkpoints written so far are kept"):
@@ -25,7 +26,7 @@ def add_inference_arguments(group):
     group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--workers", type=int, default=2, help="DataLoader and cache-building worker processes")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+    group.add_argument("--amp", default="auto", choices=AMP_MODES,
                        help="autocast dtype: auto is bf16 on CUDA (fp16 where bf16 is missing), off on CPU")
     group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
     group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
@@ -57,7 +58,7 @@ def add_ensemble_flags(group, methods=None, weights_help="one weight per ensembl
 
 def add_tta_flags(group):
     """--tta (predict.py, mtl.soup, data_tools.pseudo_label; read with `inference.check_tta`)."""
-    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
+    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME", choices=("none", *TTA),
                        help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
 
 
@@ -75,16 +76,6 @@ def default_text(key, value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value) or "none"
     return str(value)
-
-
-class _Names:
-    """A registry's names as --help prints them, read only when the help is (see config.registry)."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __str__(self):
-        return ", ".join(self.names())
 
 
 def _flag_type(kind):
@@ -128,7 +119,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
     """Every TrainConfig field as a flag, generated from its schema (config.setting): name, type, group, help.
 
     Each flag's default is None: only flags given override the YAML config. --help shows each flag's default,
-    read from configs/default.yaml (the one place defaults live), and the choices, read from their registries.
+    read from configs/default.yaml (the one place defaults live), and its choices (mtl.names), which argparse checks.
     """
     from mtl.config import defaults
     groups = {}
@@ -138,10 +129,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         text = keywords.pop("help").replace("%", "%%")
-        text = f"{text}{'; ' if text else ''}one of %(choices_text)s" if known else text
-        action = groups[group].add_argument(flag, dest=key, default=None, help=f"{text} (default: {shown})".strip(),
-                                            **keywords)
-        action.choices_text = _Names(known)  # NOTE: argparse fills %(choices_text)s from the action's attributes
+        if known:  # NOTE: argparse refuses any other value, and fills %(choices)s in with them
+            text = f"{text}{'; ' if text else ''}one of %(choices)s"
+            keywords.update(choices=known, metavar=keywords.get("metavar", key.upper()))
+        groups[group].add_argument(flag, dest=key, default=None, help=f"{text} (default: {shown})".strip(), **keywords)
 
 
 def overrides_from_args(args) -> dict:

@@ -1,8 +1,8 @@
 """Training configuration: one flat dataclass, YAML files in configs/, command-line overrides.
 
 TrainConfig is the one schema of the settings: each field's name, type, --help group and text, and choices
-(read from the registries that define them: model.ARCHS, model.HEADS, transforms.AUGMENTATIONS, ...);
-mtl.cli generates the training flags from it and `validate` checks the choices.
+(the names in mtl.names, which the registries that implement them share: model.ARCHS, model.HEADS,
+transforms.AUGMENTATIONS, ...); mtl.cli generates the training flags from it and `validate` checks the choices.
 
 Precedence, lowest first: configs/default.yaml (the one place default values live; found next to the
 package, whatever the working directory) < a base dict (a checkpoint's config, for --resume) < the
@@ -19,7 +19,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib
 import math
 import re
 import types
@@ -28,26 +27,17 @@ from pathlib import Path
 
 import yaml
 
-from mtl import labels
+from mtl import labels, names
 from mtl.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # NOTE: package data; in the checkout a link to configs/
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 
-def registry(module: str, name: str):
-    """The choices of a setting: a function returning the names a registry (a dict or tuple) holds.
-
-    NOTE: read when asked (validate, --help printed), not when this module or the parser is built: the registries
-    live beside what they name and import torch, timm and albumentations.
-    """
-    return lambda: tuple(getattr(importlib.import_module(module), name))
-
-
 def setting(group: str, help: str = "", choices=None, flags=None, **argparse_keywords):
     """A TrainConfig field's schema (no default value: configs/default.yaml holds those).
 
-    group and help: its --help section and text; choices: registry(...) of the values it takes; flags: for a
+    group and help: its --help section and text; choices: the names (mtl.names) of the values it takes; flags: for a
     switch, {flag: value it sets} (or {flag: (value, help)}); argparse_keywords: nargs, metavar or action.
     """
     return dataclasses.field(metadata={"group": group, "help": help, "choices": choices, "flags": flags,
@@ -85,14 +75,14 @@ class TrainConfig:
     img_size: list[int] = setting(PREPROCESSING, "network input W H (or one number for a square)", **SIZE)
     load_size: list[int] | None = setting(PREPROCESSING, "decode + cache size W H", **SIZE)
     center_crop: list[int] | None = setting(PREPROCESSING, "center crop W H in load-size pixels", **SIZE)
-    augment: str = setting(PREPROCESSING, "augmentation preset", registry("mtl.transforms", "AUGMENTATIONS"))
+    augment: str = setting(PREPROCESSING, "augmentation preset", names.AUGMENTATIONS)
     oversample_old: int = setting(PREPROCESSING, "repeat the 60+ people this many more times per epoch")
     oversample_augment: str = setting(PREPROCESSING, "augmentation preset of those repeated photos",
-                                      registry("mtl.transforms", "AUGMENTATIONS"))
+                                      names.AUGMENTATIONS)
     # model
     model: str = setting(MODEL, "any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")
-    arch: str = setting(MODEL, "architecture", registry("mtl.model", "ARCHS"))
-    head: str = setting(MODEL, "task head", registry("mtl.model", "HEADS"))
+    arch: str = setting(MODEL, "architecture", names.ARCHS)
+    head: str = setting(MODEL, "task head", names.HEADS)
     pretrained: bool = setting(MODEL, "random initial weights instead of ImageNet ones",
                                flags={"--no-pretrained": False})
     pretrained_file: str | None = setting(MODEL, "local pretrained weights file for the trunk (used even where the "
@@ -105,7 +95,7 @@ class TrainConfig:
                            metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
     loss_weights: list[float] = setting(LOSSES, "task loss weights", nargs=3, metavar=("M", "G", "A"))
     loss_weighting: str = setting(LOSSES, "uncertainty learns the task loss weights (Kendall et al. 2018)",
-                                  registry("mtl.losses", "WEIGHTINGS"))
+                                  names.WEIGHTINGS)
     # optimisation
     epochs: int = setting(OPTIMISATION)
     batch_size: int = setting(OPTIMISATION)
@@ -116,14 +106,14 @@ class TrainConfig:
     grad_clip: float = setting(OPTIMISATION, "gradient norm clip (0 = off)")
     accumulate: int = setting(OPTIMISATION, "gradient accumulation steps")
     amp: str = setting(OPTIMISATION, "autocast dtype, auto is bf16 on CUDA and off on CPU",
-                       registry("mtl.inference", "AMP_MODES"))
+                       names.AMP_MODES)
     channels_last: bool | str = setting(  # auto: on CUDA only; true asks for it on the CPU too
         OPTIMISATION, flags={"--channels-last": (True, "channels_last memory format on any device (auto: CUDA only)"),
                              "--no-channels-last": (False, "plain memory layout, also on CUDA")})
     compile: bool = setting(OPTIMISATION, "torch.compile the model")
     ema: float = setting(OPTIMISATION, "EMA decay of the weights (0 = off, e.g. 0.999)")
     sampler: str = setting(OPTIMISATION, "balanced draws each 18-class combination equally often",
-                           registry("mtl.train", "SAMPLERS"))
+                           names.SAMPLERS)
     mixup: float = setting(OPTIMISATION, "mixup alpha (0 = off)")
     cutmix: float = setting(OPTIMISATION, "vertical CutMix alpha (0 = off)")
     mix_prob: float = setting(OPTIMISATION, "share of batches mixed")
@@ -144,9 +134,8 @@ TYPES = typing.get_type_hints(TrainConfig)
 
 
 def choices(key: str) -> tuple | None:
-    """The values a setting takes, read from its registry (None: any value its type reads)."""
-    known = FIELDS[key].metadata["choices"]
-    return known() if known else None
+    """The values a setting takes (mtl.names; None: any value its type reads)."""
+    return FIELDS[key].metadata["choices"]
 
 
 def __getattr__(name):

@@ -38,8 +38,8 @@ from torch import nn
 from mtl import checkpoint as ckpt_io
 from mtl.errors import ConfigError, MTLError
 from mtl.metrics import head_probs, recombine
+from mtl.names import EXPORT_FORMATS
 
-FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "image"
 TOLERANCE = 1e-4
 EXAMPLE_BATCH = 2         # the batch the model is traced with
@@ -125,7 +125,7 @@ def run_torchscript(path, args) -> dict:
         return named(module(*args))
 
 
-EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
+EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}  # the --format choices (names.EXPORT_FORMATS)
 RUNNERS = {"onnx": run_onnx, "torchscript": run_torchscript}
 
 
@@ -256,8 +256,8 @@ def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", opset=None, tole
     from mtl.io import atomic_path, atomic_write_text
     from mtl.members import load_members
     from mtl.outputs import check_output
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in EXPORTERS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     out = check_output(out)
     record_file = json_path(out)
     if record_file == out:
@@ -299,7 +299,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mtl.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint to export (e.g. runs/NAME/best.pt)")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx (default) or torchscript")
+    parser.add_argument("--format", default="onnx", choices=EXPORT_FORMATS, help="onnx (default) or torchscript")
     parser.add_argument("--out", required=True, help="model file to write; the JSON record goes beside it (.json)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     return parser

@@ -14,8 +14,7 @@ from tqdm import tqdm
 
 from mtl.errors import ConfigError
 from mtl.metrics import head_probs
-
-TTA = ("hflip",)
+from mtl.names import AMP_MODES, TTA
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,15 +39,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")  # the --amp choices
-
-
 def amp_dtype(amp: str, device: torch.device):
     """The autocast dtype for --amp on this device (None = full precision). 'auto' is bf16 on CUDA, off on CPU.
 
     'auto' takes fp16 on GPUs without native bfloat16 (before Ampere: T4, V100), where torch emulates it slowly;
     an explicit --amp bf16 there is a ConfigError, as cuDNN has no bfloat16 convolutions for them.
     """
+    if amp not in AMP_MODES:
+        raise ConfigError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl import labels
+from mtl import labels, names
 from mtl.errors import ConfigError
 
 AGE_MEAN, AGE_SCALE = 40.0, 20.0  # NOTE: the regression head predicts (age - 40) / 20, a unit-scale target
@@ -78,7 +78,7 @@ class CosineHead(nn.Module):
         return self.scale * cosine
 
 
-HEADS = {"linear": LinearHead, "ml_decoder": MLDecoderHead}
+HEADS = {"linear": LinearHead, "ml_decoder": MLDecoderHead}  # the --head choices (names.HEADS)
 
 
 class Trunk(nn.Module):
@@ -129,7 +129,7 @@ class TaskModel(nn.Module):
         return out
 
 
-# architecture name -> (number of trunks, {output: index of the trunk that feeds it}); --arch chooses one
+# architecture name -> (number of trunks, {output: index of the trunk that feeds it}); --arch chooses one (names.ARCHS)
 ARCHS = {"multihead": (1, {"mask": 0, "gender": 0, "age": 0}),
          "joint18": (1, {"joint": 0}),
          "separate": (3, {"mask": 0, "gender": 1, "age": 2})}
@@ -138,7 +138,7 @@ ARCHS = {"multihead": (1, {"mask": 0, "gender": 0, "age": 0}),
 def plan_for(arch: str, age_reg: bool) -> tuple[int, dict]:
     """(number of trunks, {output: trunk index}) for an architecture of ARCHS."""
     if arch not in ARCHS:
-        raise ConfigError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown --arch {arch!r}; known: {', '.join(names.ARCHS)}")
     n, plan = ARCHS[arch][0], dict(ARCHS[arch][1])
     if age_reg:
         plan["age_reg"] = plan.get("age", 0)
@@ -188,7 +188,7 @@ def create_model(model="efficientnet_b3", arch="multihead", pretrained=True, pre
     """Build an architecture by name around a timm trunk; `cosine` maps outputs to ArcFace cosine heads' scales."""
     n_trunks, plan = plan_for(arch, age_reg)
     if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; known: {', '.join(sorted(HEADS))}")
+        raise ConfigError(f"unknown head {head!r}; known: {', '.join(names.HEADS)}")
     trunks = [Trunk(create_backbone(model, pretrained, pretrained_file, drop_path_rate)) for _ in range(n_trunks)]
     data_cfg = timm.data.resolve_data_config({}, model=trunks[0].backbone)
     return TaskModel(trunks, plan, head=head, head_dropout=head_dropout, cosine=cosine, mean=data_cfg["mean"],
@@ -230,11 +230,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def channels_last_ok(device: torch.device) -> bool:
-    return device.type == "cuda"

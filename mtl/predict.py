@@ -39,10 +39,11 @@ import pandas as pd
 from mtl import checkpoint as ckpt_io
 from mtl.cli import add_ensemble_flags, add_fold_flags, add_inference_arguments, add_tta_flags
 from mtl.data import eval_samples
-from mtl.ensemble import METHODS, check_weights, combine
+from mtl.ensemble import check_weights, combine
 from mtl.errors import ConfigError, DataError
 from mtl.io import atomic_write_csv, check_parent, check_writable
 from mtl.members import check_face_crop, expand_paths, load_members, load_size_of, open_sources
+from mtl.names import ENSEMBLES
 from mtl.outputs import check_output, class_counts_line, probs_table, read_probs, submission_table, write_outputs
 from mtl.reports import headline, validation_fold, write_report
 
@@ -79,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="redo an ensemble from --save-probs files instead of running checkpoints")
 
     group = parser.add_argument_group("ensemble and TTA")
-    add_ensemble_flags(group, METHODS)
+    add_ensemble_flags(group, ENSEMBLES)
     add_tta_flags(group)
 
     group = parser.add_argument_group("validation report")

@@ -176,10 +176,11 @@ class Predictor:
                  amp="auto", workers=0, cache_dir=None, use_cache=False, crop_batch_size=None, progress=False,
                  log=None):
         from mtl import checkpoint as ckpt_io
-        from mtl.ensemble import METHODS, check_weights
+        from mtl.ensemble import check_weights
         from mtl.face_crop import DEFAULT_BATCH_SIZE, check_settings
         from mtl.inference import check_tta
         from mtl.members import load_members
+        from mtl.names import ENSEMBLES
         items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike, dict)) else list(checkpoints)
         if not items:
             raise ConfigError("give at least one checkpoint")
@@ -187,8 +188,8 @@ class Predictor:
             self.members = items
         else:
             self.members = load_members([str(c) for c in items])
-        if ensemble not in METHODS:
-            raise ConfigError(f"--ensemble must be one of {', '.join(METHODS)}, got {ensemble!r}")
+        if ensemble not in ENSEMBLES:
+            raise ConfigError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble!r}")
         if int(batch_size) < 1 or int(workers) < 0:
             raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
         self.weights = check_weights(weights, len(self.members))

@@ -36,6 +36,7 @@ from mtl.loader import make_loader
 from mtl.losses import build_loss, class_counts
 from mtl.metrics import score
 from mtl.model import model_from_config, normalization, unwrap
+from mtl.names import SAMPLERS
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
 TARGET_KEYS = ("mask", "gender", "age_group", "age_years")
@@ -507,13 +508,12 @@ def reconcile_best(run: Run, resume, log=print):
         atomic_write_text(json.dumps(run.progress.best_metrics, indent=2), out / "metrics.json")
 
 
-SAMPLERS = ("none", "balanced")  # the --sampler choices: how train_loader_for draws an epoch's photos
-
-
 def train_loader_for(run: Run, epoch: int):
     """The training loader of one epoch, seeded by (seed, epoch) so a resumed run replays the same batches."""
     cfg, world, rank, train_set = run.cfg, run.world, run.rank, run.train_set
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)
+    if cfg.sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
     if cfg.sampler == "balanced":
         sampler = balanced_sampler(train_set, math.ceil(len(train_set) / world), gen)
     elif world > 1:

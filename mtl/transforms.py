@@ -14,6 +14,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
+from mtl import names
 from mtl.errors import ConfigError
 
 
@@ -85,7 +86,7 @@ def _cutout():
                             hole_width_range=(0.05, 0.15), fill="random_uniform", p=0.3)]
 
 
-AUGMENTATIONS = {
+AUGMENTATIONS = {  # the --augment presets (names.AUGMENTATIONS)
     "none": lambda: [],
     "flip": _flip,
     "baseline": lambda: _flip() + _geometry() + _photometric(),
@@ -100,7 +101,7 @@ AUGMENTATIONS = {
 def check_augment(name: str) -> str:
     """Return the preset name, or a ConfigError that lists the known ones."""
     if name not in AUGMENTATIONS:
-        raise ConfigError(f"unknown augment preset {name!r}; known: {', '.join(sorted(AUGMENTATIONS))}")
+        raise ConfigError(f"unknown augment preset {name!r}; known: {', '.join(names.AUGMENTATIONS)}")
     return name
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mtl import export, labels, model
+from mtl import export, labels, model, names
 from mtl.cli import main_guard
 from mtl.predictor import Predictor
 from tests.helpers import ROOT
@@ -56,7 +56,7 @@ def reference(ckpt, photos) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.parametrize("fmt", names.EXPORT_FORMATS)
 def test_exported_model_matches_pytorch_at_any_batch_size(exported, checkpoints, case, fmt):
     path, record = exported[case, fmt]
     width, height = record["input_size"]
@@ -136,7 +136,7 @@ class UnexportableHead(model.LinearHead):
         return out.reshape(int(pooled.shape[0]), -1)
 
 
-@pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.parametrize("fmt", names.EXPORT_FORMATS)
 @pytest.mark.slow
 def test_a_part_that_cannot_be_exported_is_named_and_nothing_is_written(tmp_path, monkeypatch, capsys, fmt):
     monkeypatch.setitem(model.HEADS, "unexportable", UnexportableHead)
