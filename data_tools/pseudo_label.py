@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mtl import data, labels
-from mtl.cli import add_ensemble_flags, add_inference_arguments, add_tta_flags, main_guard
+from mtl.cli import ArgumentParser, add_ensemble_flags, add_inference_arguments, add_tta_flags, main_guard
 from mtl.errors import ConfigError, DataError
 
 DEFAULT_MIN_CONFIDENCE = 0.9
@@ -156,7 +156,7 @@ def run(args, log=print) -> dict:
 
 # ---------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.pseudo_label", description=__doc__,
+    parser = ArgumentParser(prog="python -m data_tools.pseudo_label", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LEGITIMACY)
     group = parser.add_argument_group("input and output")
     group.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH", required=True,

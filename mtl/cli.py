@@ -9,6 +9,14 @@ from mtl.errors import MTLError
 from mtl.names import AMP_MODES, TTA
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line naming the flag, like every other error of mtl's commands
+    (argparse prints the whole usage first; --help shows it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main_guard(main, interrupted="interrupted: checkpoints written so far are kept"):
     """Run main(); a user error prints 'error: ...' (no traceback), exits 2; Ctrl-C prints `interrupted`, exits 130."""
     try:
@@ -62,22 +70,6 @@ def add_tta_flags(group):
                        help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
 
 
-NONE_MEANS = {"out": "a fresh runs/<time>_<model>_<arch>", "cache_dir": "$MTL_CACHE_DIR or ~/.cache/mtl",
-              "load_size": "the --img-size", "resume": "a new run"}
-
-
-def default_text(key, value) -> str:
-    """A default from configs/default.yaml as --help shows it."""
-    if value is None:
-        return NONE_MEANS.get(key, "none")
-    if isinstance(value, dict):
-        options = ",".join(f"{k}={v}" for k, v in value.items() if k != "name")
-        return f"{value.get('name')}{':' + options if options else ''}"
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(v) for v in value) or "none"
-    return str(value)
-
-
 def _flag_type(kind):
     """The argparse type of a TrainConfig field's type: int or float (of a list's items too), else text."""
     import types
@@ -91,28 +83,29 @@ def _flag_type(kind):
 
 
 def train_flags(values: dict):
-    """(group, flag, dest, shown default, argparse keywords, choices) of every TrainConfig field, from its schema."""
+    """(group, flag, dest, shown default, argparse keywords, choices) of every TrainConfig field, from its schema and
+    its description in configs/default.yaml (config.docs)."""
     from mtl import config, labels
     for field in dataclasses.fields(config.TrainConfig):
-        meta, key = field.metadata, field.name
-        group, text, known, keywords = meta["group"], meta["help"], meta["choices"], dict(meta["argparse"])
+        meta, key, doc = field.metadata, field.name, config.docs()[field.name]
+        group, text, known, keywords = doc.group, doc.text, meta["choices"], dict(meta["argparse"])
         kind = config.TYPES[key]
         if key == "losses":  # NOTE: one flag per task: --mask-loss focal:gamma=2 names only that task's loss
             for task in labels.LOSS_TASKS:
-                yield (group, f"--{task}-loss", f"{task}_loss", default_text(key, values[key][task]),
-                       {**keywords, "help": text.format(task=task)}, None)
+                yield (group, f"--{task}-loss", f"{task}_loss", config.value_text(key, values[key][task]),
+                       {**keywords, "help": f"{task}: {text}"}, None)
             continue
-        switches = meta["flags"] or ({config.flag_name(key): True} if kind is bool else None)
+        switches = meta["flags"] or ({config.flag_name(key): (True, text)} if kind is bool else None)
         if switches:
-            for flag, const in switches.items():
-                const, flag_help = const if isinstance(const, tuple) else (const, text)
+            for flag, (const, flag_help) in switches.items():
                 value = values[key]
-                shown = ("on" if value == const else "off") if isinstance(value, bool) else default_text(key, value)
+                shown = ("on" if value == const else "off") if isinstance(value, bool) else \
+                    config.value_text(key, value)
                 yield group, flag, key, shown, {"action": "store_const", "const": const, "help": flag_help}, None
             continue
         if _flag_type(kind):
             keywords["type"] = _flag_type(kind)
-        yield group, config.flag_name(key), key, default_text(key, values[key]), {**keywords, "help": text}, known
+        yield group, config.flag_name(key), key, config.value_text(key, values[key]), {**keywords, "help": text}, known
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, skip=()):

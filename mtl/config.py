@@ -28,102 +28,91 @@ from pathlib import Path
 import yaml
 
 from mtl import labels, names
-from mtl.errors import ConfigError
+from mtl.errors import ConfigError, DataError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # NOTE: package data; in the checkout a link to configs/
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 
-def setting(group: str, help: str = "", choices=None, flags=None, **argparse_keywords):
-    """A TrainConfig field's schema (no default value: configs/default.yaml holds those).
+def setting(choices=None, flags=None, **argparse_keywords):
+    """A TrainConfig field's schema: its type is the annotation; its value, --help text and section are in
+    configs/default.yaml (`docs`).
 
-    group and help: its --help section and text; choices: the names (mtl.names) of the values it takes; flags: for a
-    switch, {flag: value it sets} (or {flag: (value, help)}); argparse_keywords: nargs, metavar or action.
+    choices: the names (mtl.names) of the values it takes; flags: for a switch, {flag: (value it sets, the flag's
+    help)}; argparse_keywords: nargs, metavar or action.
     """
-    return dataclasses.field(metadata={"group": group, "help": help, "choices": choices, "flags": flags,
-                                       "argparse": argparse_keywords})
+    return dataclasses.field(metadata={"choices": choices, "flags": flags, "argparse": argparse_keywords})
 
 
-DATA, PREPROCESSING, MODEL, LOSSES, OPTIMISATION, RUNNING = (
-    "data", "preprocessing and augmentation", "model", "losses", "optimisation", "running")
 SIZE = {"nargs": "+", "metavar": "N"}
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The settings of one run: names, types, --help text and choices; every default value is in configs/default.yaml.
+    """The settings of one run: names, types and choices; each one's value and meaning are in configs/default.yaml.
 
-    mtl.cli.add_train_arguments makes each field a flag from this schema and validate checks its choices.
+    mtl.cli.add_train_arguments makes each field a flag from this schema and `docs`; validate checks the values.
     """
     # data
-    data: str = setting(DATA, "data folder with train/ and eval/ (the competition layout)")
-    out: str | None = setting(DATA, "output folder")
-    age_threshold: int = setting(DATA, "age from which a person counts as 60+ (e.g. 59)")
-    drop_ages: str | None = setting(DATA, "leave these ages out of training only, e.g. 57-59")
-    relabel: str | None = setting(DATA, "CSV of id,gender,age fixes applied on load")
-    extra: list[str] | None = setting(DATA, "extra partial-label CSV (data_tools.import_faces); repeatable",
-                                      action="append")
-    folds: int = setting(DATA, "number of person-level folds")
-    fold: int = setting(DATA, "validation fold")
-    all_folds: bool = setting(DATA, "train every fold in turn (for an ensemble)")
-    seed: int = setting(DATA, "seed for folds, shuffling and augmentation")
-    skip_bad: bool = setting(DATA, "leave out bad photos instead of stopping")
-    cache: bool = setting(DATA, "decode JPEGs every time", flags={"--no-cache": False})
-    cache_dir: str | None = setting(DATA, "decoded-image cache folder")
-    workers: int = setting(DATA, "DataLoader and cache-building worker processes")
+    data: str = setting()
+    out: str | None = setting()
+    age_threshold: int = setting()
+    drop_ages: str | None = setting()
+    relabel: str | None = setting()
+    extra: list[str] | None = setting(action="append")
+    folds: int = setting()
+    fold: int = setting()
+    all_folds: bool = setting()
+    seed: int = setting()
+    skip_bad: bool = setting()
+    cache: bool = setting(flags={"--no-cache": (False, "decode JPEGs every time")})
+    cache_dir: str | None = setting()
+    workers: int = setting()
     # preprocessing and augmentation
-    img_size: list[int] = setting(PREPROCESSING, "network input W H (or one number for a square)", **SIZE)
-    load_size: list[int] | None = setting(PREPROCESSING, "decode + cache size W H", **SIZE)
-    center_crop: list[int] | None = setting(PREPROCESSING, "center crop W H in load-size pixels", **SIZE)
-    augment: str = setting(PREPROCESSING, "augmentation preset", names.AUGMENTATIONS)
-    oversample_old: int = setting(PREPROCESSING, "repeat the 60+ people this many more times per epoch")
-    oversample_augment: str = setting(PREPROCESSING, "augmentation preset of those repeated photos",
-                                      names.AUGMENTATIONS)
+    img_size: list[int] = setting(**SIZE)
+    load_size: list[int] | None = setting(**SIZE)
+    center_crop: list[int] | None = setting(**SIZE)
+    augment: str = setting(names.AUGMENTATIONS)
+    oversample_old: int = setting()
+    oversample_augment: str = setting(names.AUGMENTATIONS)
     # model
-    model: str = setting(MODEL, "any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")
-    arch: str = setting(MODEL, "architecture", names.ARCHS)
-    head: str = setting(MODEL, "task head", names.HEADS)
-    pretrained: bool = setting(MODEL, "random initial weights instead of ImageNet ones",
-                               flags={"--no-pretrained": False})
-    pretrained_file: str | None = setting(MODEL, "local pretrained weights file for the trunk (used even where the "
-                                                 "config says pretrained: false)")
-    head_dropout: float = setting(MODEL, "dropout before each head")
-    drop_path_rate: float = setting(MODEL, "stochastic depth of the trunk")
-    age_reg_weight: float = setting(MODEL, "weight of the auxiliary age regression (0 = off)")
+    model: str = setting()
+    arch: str = setting(names.ARCHS)
+    head: str = setting(names.HEADS)
+    pretrained: bool = setting(flags={"--no-pretrained": (False, "random initial weights instead of ImageNet ones")})
+    pretrained_file: str | None = setting()
+    head_dropout: float = setting()
+    drop_path_rate: float = setting()
+    age_reg_weight: float = setting()
     # losses
-    losses: dict = setting(LOSSES, "{task} loss, e.g. focal:gamma=2,class_weights=balanced",
-                           metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
-    loss_weights: list[float] = setting(LOSSES, "task loss weights", nargs=3, metavar=("M", "G", "A"))
-    loss_weighting: str = setting(LOSSES, "uncertainty learns the task loss weights (Kendall et al. 2018)",
-                                  names.WEIGHTINGS)
+    losses: dict = setting(metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
+    loss_weights: list[float] = setting(nargs=3, metavar=("M", "G", "A"))
+    loss_weighting: str = setting(names.WEIGHTINGS)
     # optimisation
-    epochs: int = setting(OPTIMISATION)
-    batch_size: int = setting(OPTIMISATION)
-    lr: float = setting(OPTIMISATION, "peak learning rate (AdamW)")
-    weight_decay: float = setting(OPTIMISATION)
-    warmup_epochs: float = setting(OPTIMISATION)
-    eta_min: float = setting(OPTIMISATION, "learning rate at the end of the cosine schedule")
-    grad_clip: float = setting(OPTIMISATION, "gradient norm clip (0 = off)")
-    accumulate: int = setting(OPTIMISATION, "gradient accumulation steps")
-    amp: str = setting(OPTIMISATION, "autocast dtype, auto is bf16 on CUDA and off on CPU",
-                       names.AMP_MODES)
+    epochs: int = setting()
+    batch_size: int = setting()
+    lr: float = setting()
+    weight_decay: float = setting()
+    warmup_epochs: float = setting()
+    eta_min: float = setting()
+    grad_clip: float = setting()
+    accumulate: int = setting()
+    amp: str = setting(names.AMP_MODES)
     channels_last: bool | str = setting(  # auto: on CUDA only; true asks for it on the CPU too
-        OPTIMISATION, flags={"--channels-last": (True, "channels_last memory format on any device (auto: CUDA only)"),
-                             "--no-channels-last": (False, "plain memory layout, also on CUDA")})
-    compile: bool = setting(OPTIMISATION, "torch.compile the model")
-    ema: float = setting(OPTIMISATION, "EMA decay of the weights (0 = off, e.g. 0.999)")
-    sampler: str = setting(OPTIMISATION, "balanced draws each 18-class combination equally often",
-                           names.SAMPLERS)
-    mixup: float = setting(OPTIMISATION, "mixup alpha (0 = off)")
-    cutmix: float = setting(OPTIMISATION, "vertical CutMix alpha (0 = off)")
-    mix_prob: float = setting(OPTIMISATION, "share of batches mixed")
-    patience: int = setting(OPTIMISATION, "early stopping after this many epochs without a better F1 (0 = off)")
+        flags={"--channels-last": (True, "channels_last memory format on any device (auto: CUDA only)"),
+               "--no-channels-last": (False, "plain memory layout, also on CUDA")})
+    compile: bool = setting()
+    ema: float = setting()
+    sampler: str = setting(names.SAMPLERS)
+    mixup: float = setting()
+    cutmix: float = setting()
+    mix_prob: float = setting()
+    patience: int = setting()
     # running
-    device: str = setting(RUNNING, "auto, cpu, cuda, cuda:1, ...")
-    resume: str | None = setting(RUNNING, "continue a run from its last.pt (its outputs go next to that file "
-                                          "unless --out)")
-    log_images: int = setting(RUNNING, "misclassified photos shown in TensorBoard per epoch")
-    progress: bool = setting(RUNNING, "no progress bars", flags={"--no-progress": False})
+    device: str = setting()
+    resume: str | None = setting()
+    log_images: int = setting()
+    progress: bool = setting(flags={"--no-progress": (False, "no progress bars")})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,10 +127,43 @@ def choices(key: str) -> tuple | None:
     return FIELDS[key].metadata["choices"]
 
 
-def __getattr__(name):
-    if name == "TASK_LOSS_DEFAULTS":  # NOTE: the per-task default losses, read from configs/default.yaml
-        return defaults()["losses"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    """What configs/default.yaml says about a key: its --help section, its text, and what null means for it."""
+    group: str
+    text: str
+    none_means: str = "none"
+
+
+@functools.lru_cache(maxsize=1)
+def docs() -> dict[str, Doc]:
+    """{key: Doc} from configs/default.yaml's comments, the one place each setting is described.
+
+    A top-level `key: value  # text; null: meaning` line documents key; a `# ---- section (...)` line starts the
+    section of the keys below it.
+    """
+    found, group = {}, None
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        header = re.match(r"# ---- ([^(]+)", line)
+        entry = re.match(r"(\w+):[^#]*(?:#\s*(.*))?$", line)
+        if header:
+            group = header.group(1).strip()
+        elif entry and group:
+            text, _, none_means = (entry.group(2) or "").partition("; null: ")
+            found[entry.group(1)] = Doc(group, text.strip(), none_means.strip() or "none")
+    return found
+
+
+def value_text(key: str, value) -> str:
+    """A setting's value as --help and the HPARAMS table show it: 'ce:label_smoothing=0.05', '240 320', ..."""
+    if value is None:
+        return docs()[key].none_means if key in docs() else "none"
+    if isinstance(value, dict):
+        options = ",".join(f"{k}={v}" for k, v in value.items() if k != "name")
+        return f"{value.get('name')}{':' + options if options else ''}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 # ---------------------------------------------------------------- YAML and typed values
@@ -319,6 +341,7 @@ def parse_loss_spec(text: str) -> dict:
     return spec
 
 
+# ---------------------------------------------------------------- checks of one value (also used where it is read)
 def _positive(cfg, name, allow_zero=False):
     value = getattr(cfg, name)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -327,9 +350,79 @@ def _positive(cfg, name, allow_zero=False):
                           f"number, got {value!r}")
 
 
+def size_pair(value, flag="--img-size"):
+    """24 / [24] / [W, H] -> (W, H) positive ints, or a ConfigError naming the flag."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (int, float, str)) else list(value)
+    try:
+        pair = [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be one or two whole numbers (W H), got {value!r}") from None
+    if len(pair) == 1:
+        pair = pair * 2
+    if len(pair) != 2 or min(pair) < 8:
+        raise ConfigError(f"{flag} must be one or two whole numbers >= 8 (W H), got {value!r}")
+    return tuple(pair)
+
+
+def check_fold(folds: int, fold: int):
+    """Raise ConfigError unless 2 <= folds and 0 <= fold < folds."""
+    if int(folds) < 2:
+        raise ConfigError(f"--folds must be at least 2, got {folds}")
+    if not 0 <= int(fold) < int(folds):
+        raise ConfigError(f"--fold must be from 0 to {int(folds) - 1} for --folds {folds}, got {fold}")
+
+
+def parse_age_range(text) -> tuple[int, int] | None:
+    """'57-59' or '58' -> (57, 59) / (58, 58); None or '' -> None."""
+    if text is None or str(text).strip() in ("", "none", "None"):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", str(text))
+    if match is None:
+        raise DataError(f"--drop-ages must look like 57-59 or 58, got {text!r}")
+    low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+    if low > high:
+        raise DataError(f"--drop-ages {text!r}: the first age must not exceed the second")
+    return low, high
+
+
+DEVICE = re.compile(r"auto|(?:cpu|cuda|mps)(?::\d+)?")
+
+
+def check_device_name(name: str) -> str:
+    """A --device value that names a device (auto, cpu, cuda, cuda:1, mps); whether this machine has it is checked
+    where the run starts (inference.resolve_device)."""
+    if not isinstance(name, str) or DEVICE.fullmatch(name) is None:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:1, ...")
+    return name
+
+
+def check_loss_spec(task: str, spec: dict):
+    """Raise ConfigError for an unknown loss name or option (mtl.names.LOSS_OPTIONS), naming the task."""
+    name = spec.get("name")
+    if name not in names.LOSS_OPTIONS:
+        raise ConfigError(f"unknown loss {name!r} for {task}; known: {', '.join(sorted(names.LOSSES))}")
+    if name in names.GENDER_ONLY_LOSSES and task != "gender":
+        raise ConfigError(f"loss {name!r} is for the binary gender task only, not {task}")
+    if name in names.NOT_GENDER_LOSSES and task == "gender":
+        raise ConfigError(f"loss {name!r} is for mask, age or joint, not the single-logit gender task")
+    unknown = set(spec) - {"name"} - set(names.LOSS_OPTIONS[name])
+    if unknown:
+        raise ConfigError(f"loss {name!r} for {task} has no option(s) {', '.join(sorted(unknown))}; "
+                          f"it takes {', '.join(sorted(names.LOSS_OPTIONS[name])) or 'none'}")
+    for key in ("gamma", "label_smoothing", "ce_weight", "gamma_pos", "gamma_neg", "eps", "scale", "margin"):
+        if key in spec and not (isinstance(spec[key], (int, float)) and spec[key] >= 0):
+            raise ConfigError(f"loss option {key} for {task} must be a number >= 0, got {spec[key]!r}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every value a user can get wrong; raise one ConfigError naming the flag."""
-    from mtl.transforms import size_pair
+    """Check every value a user can get wrong; raise one ConfigError naming the flag.
+
+    NOTE: what needs the model or the machine (a timm model name, a weights file, a GPU) is checked where the
+    run builds them (train.setup, model.create_backbone), as timm and torchvision do: this module imports nothing
+    heavier than yaml, so a typo is answered at once.
+    """
     cfg.age_threshold = labels.check_threshold(cfg.age_threshold)
     for name in FIELDS:
         known = choices(name)
@@ -350,7 +443,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _positive(cfg, name, allow_zero=True)
     if cfg.ema >= 1 or cfg.mix_prob > 1 or cfg.head_dropout >= 1:
         raise ConfigError("--ema and --head-dropout must be below 1 and --mix-prob at most 1")
-    from mtl.splits import check_fold
     check_fold(cfg.folds, cfg.fold)
     cfg.img_size = list(size_pair(cfg.img_size, "--img-size"))
     cfg.load_size = list(size_pair(cfg.load_size, "--load-size")) if cfg.load_size else None
@@ -360,15 +452,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.extra = list(cfg.extra or [])
     if cfg.pretrained_file:
         cfg.pretrained = True  # NOTE: a weights file given is used, whatever `pretrained` says (README, Real data)
-    from mtl.data import parse_age_range
     parse_age_range(cfg.drop_ages)
-    from mtl.inference import resolve_device
-    resolve_device(cfg.device)
-    from mtl.losses import check_loss_spec
-    from mtl.model import check_model_config
+    check_device_name(cfg.device)
     for task in labels.LOSS_TASKS:
         check_loss_spec(task, cfg.losses[task])
-    check_model_config(cfg)
     return cfg
 
 

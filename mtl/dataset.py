@@ -9,8 +9,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl import data, labels
+from mtl.config import check_fold, parse_age_range
 from mtl.images import open_images
-from mtl.splits import check_fold, person_folds
+from mtl.splits import person_folds
 
 
 class FaceDataset(Dataset):
@@ -89,7 +90,7 @@ def load_fold(data_root, load_size, folds=5, fold=0, seed=42, relabel_csv=None, 
     --drop-ages) plus every extra-data photo.
     """
     check_fold(folds, fold)
-    age_range = data.parse_age_range(drop_ages)
+    age_range = parse_age_range(drop_ages)
     samples, problems = data.train_samples(data_root, relabel_csv, log=log)
     data.raise_or_skip(problems, skip_bad, log, "problem")
     skipped = len(problems)

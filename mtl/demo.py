@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mtl.cli import ArgumentParser
 from mtl.config import CONFIGS
 
 CONFIG = CONFIGS / "demo.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="demo_data", help="demo data folder; made when it holds no train/train.csv")
     parser.add_argument("--people", type=int, default=300, help="train people of a new demo data set")

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from mtl import checkpoint as ckpt_io
+from mtl.cli import ArgumentParser
 from mtl.errors import ConfigError, MTLError
 from mtl.metrics import head_probs, recombine
 from mtl.names import EXPORT_FORMATS
@@ -296,7 +297,7 @@ def cleanup(folder: Path):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mtl.export", description=__doc__,
+    parser = ArgumentParser(prog="python -m mtl.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint to export (e.g. runs/NAME/best.pt)")
     parser.add_argument("--format", default="onnx", choices=EXPORT_FORMATS, help="onnx (default) or torchscript")

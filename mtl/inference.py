@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mtl.config import check_device_name
 from mtl.errors import ConfigError
 from mtl.metrics import head_probs
 from mtl.names import AMP_MODES, TTA
@@ -19,12 +20,9 @@ from mtl.names import AMP_MODES, TTA
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda when there is a GPU, else cpu; a device this machine lacks is a one-line ConfigError."""
-    if name == "auto":
+    if check_device_name(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:1, ...") from None
+    device = torch.device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -34,8 +32,6 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {name}: Apple MPS is not available here; use --device cpu (or auto)")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: only cpu, cuda and mps devices are supported")
     return device
 
 

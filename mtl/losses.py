@@ -15,26 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl import labels, names
+from mtl.config import check_loss_spec
 from mtl.errors import ConfigError
 from mtl.model import AGE_SCALE
-
-
-def check_loss_spec(task: str, spec: dict):
-    """Raise ConfigError for an unknown loss name or option, naming the task."""
-    name = spec.get("name")
-    if name not in names.LOSS_OPTIONS:
-        raise ConfigError(f"unknown loss {name!r} for {task}; known: {', '.join(sorted(names.LOSSES))}")
-    if name in names.GENDER_ONLY_LOSSES and task != "gender":
-        raise ConfigError(f"loss {name!r} is for the binary gender task only, not {task}")
-    if name in names.NOT_GENDER_LOSSES and task == "gender":
-        raise ConfigError(f"loss {name!r} is for mask, age or joint, not the single-logit gender task")
-    unknown = set(spec) - {"name"} - set(names.LOSS_OPTIONS[name])
-    if unknown:
-        raise ConfigError(f"loss {name!r} for {task} has no option(s) {', '.join(sorted(unknown))}; "
-                          f"it takes {', '.join(sorted(names.LOSS_OPTIONS[name])) or 'none'}")
-    for key in ("gamma", "label_smoothing", "ce_weight", "gamma_pos", "gamma_neg", "eps", "scale", "margin"):
-        if key in spec and not (isinstance(spec[key], (int, float)) and spec[key] >= 0):
-            raise ConfigError(f"loss option {key} for {task} must be a number >= 0, got {spec[key]!r}")
 
 
 def balanced_weights(counts) -> torch.Tensor:

@@ -13,6 +13,7 @@ HEADS by name and get both the trunk's feature map and its pooled features, so a
 from __future__ import annotations
 
 import difflib
+import os
 
 import timm
 import torch
@@ -153,16 +154,17 @@ def check_model_name(name: str):
         raise ConfigError(f"unknown --model {name!r}{hint}")
 
 
-def check_model_config(cfg):
-    """Check the model keys of a TrainConfig before anything is built (config.validate has checked arch and head)."""
-    check_model_name(cfg.model)
-    if cfg.pretrained_file and not __import__("os").path.isfile(cfg.pretrained_file):
-        raise ConfigError(f"--pretrained-file not found: {cfg.pretrained_file}")
+def check_trunk(name: str, pretrained_file=None):
+    """The trunk a run asks for can be built: timm knows the name, the weights file exists (checked where models are
+    built, as timm does, not with the config: mtl.config stays light)."""
+    check_model_name(name)
+    if pretrained_file and not os.path.isfile(pretrained_file):
+        raise ConfigError(f"--pretrained-file not found: {pretrained_file}")
 
 
 def create_backbone(name, pretrained=True, pretrained_file=None, drop_path_rate=0.0):
     """A timm model without classifier; pretrained weights from the hub or a local file, never silently random."""
-    check_model_name(name)
+    check_trunk(name, pretrained_file)
     kwargs = {"num_classes": 0}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate

@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 
 from mtl import checkpoint as ckpt_io
-from mtl.cli import add_ensemble_flags, add_fold_flags, add_inference_arguments, add_tta_flags
+from mtl.cli import ArgumentParser, add_ensemble_flags, add_fold_flags, add_inference_arguments, add_tta_flags
 from mtl.data import eval_samples
 from mtl.ensemble import check_weights, combine
 from mtl.errors import ConfigError, DataError
@@ -61,7 +61,7 @@ The preprocessing and the age threshold come from each checkpoint, so inference 
 
 # ---------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="predict.py", description=DESCRIPTION,
+    parser = ArgumentParser(prog="predict.py", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input and output")
     group.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH",

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from mtl import checkpoint as ckpt_io
-from mtl.cli import add_fold_flags, add_inference_arguments, add_tta_flags
+from mtl.cli import ArgumentParser, add_fold_flags, add_inference_arguments, add_tta_flags
 from mtl.errors import ConfigError
 from mtl.members import check_face_crop, load_members, load_size_of
 from mtl.outputs import check_output, write_outputs
@@ -143,7 +143,7 @@ def make_soup(args, log=print) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mtl.soup", description=__doc__,
+    parser = ArgumentParser(prog="python -m mtl.soup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", "--checkpoint", nargs="+", action="extend", required=True, metavar="PATH",
                         help="ingredient checkpoints or globs (same architecture, trunk, head and preprocessing)")

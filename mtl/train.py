@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mtl import checkpoint as ckpt_io
 from mtl import labels
-from mtl.config import TrainConfig, dump
+from mtl.config import TrainConfig, dump, value_text
 from mtl.data import read_face_crop_record
 from mtl.dataset import FaceDataset, load_fold
 from mtl.errors import ConfigError, MTLError
@@ -35,7 +35,7 @@ from mtl.io import WriteError, atomic_copy, atomic_write_text, os_error, prepare
 from mtl.loader import make_loader
 from mtl.losses import build_loss, class_counts
 from mtl.metrics import score
-from mtl.model import model_from_config, normalization, unwrap
+from mtl.model import check_trunk, model_from_config, normalization, unwrap
 from mtl.names import SAMPLERS
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
@@ -375,6 +375,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     """Everything a run needs, checked before any training step: model, data, loss, optimizer, schedule, outputs."""
     rank, world = distributed()
     device = resolve_device(cfg.device)
+    check_trunk(cfg.model, cfg.pretrained_file)  # NOTE: before any output folder is made
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(cfg.seed)
@@ -630,7 +631,6 @@ HPARAMS_LEFT_OUT = ("out", "resume", "progress", "cache", "cache_dir", "workers"
 
 def hparams_of(cfg: TrainConfig) -> dict:
     """A run's settings as HPARAMS columns (numbers, booleans, text); loss weights as three numbers."""
-    from mtl.cli import default_text
     columns = {}
     for key, value in cfg.to_dict().items():
         if key in HPARAMS_LEFT_OUT:
@@ -638,11 +638,11 @@ def hparams_of(cfg: TrainConfig) -> dict:
         if key == "loss_weights":
             columns.update({f"loss_weight_{task}": float(w) for task, w in zip(labels.TASKS, value)})
         elif key == "losses":
-            columns.update({f"loss_{task}": default_text(key, spec) for task, spec in value.items()})
+            columns.update({f"loss_{task}": value_text(key, spec) for task, spec in value.items()})
         elif value is None:
             columns[key] = "none"
         elif isinstance(value, (list, tuple, dict)):
-            columns[key] = default_text(key, value)
+            columns[key] = value_text(key, value)
         else:
             columns[key] = value
     return columns

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtl.cli import add_train_arguments, overrides_from_args
+from mtl.cli import ArgumentParser, add_train_arguments, overrides_from_args
 
 DESCRIPTION = """Train the multi-task face-attribute model (mask x gender x age -> 18 classes).
 
@@ -24,7 +24,7 @@ runs/<time>_<model>_<arch>); --resume continues a run where its last.pt lies. Ex
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", help="YAML config (see configs/); flags override its keys (default: "
                                                "none, configs/default.yaml's values)")
     add_train_arguments(parser)

@@ -15,23 +15,8 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 
 from mtl import names
+from mtl.config import size_pair
 from mtl.errors import ConfigError
-
-
-def size_pair(value, flag="--img-size"):
-    """24 / [24] / [W, H] -> (W, H) positive ints, or a ConfigError naming the flag."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, (int, float, str)) else list(value)
-    try:
-        pair = [int(v) for v in items]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag} must be one or two whole numbers (W H), got {value!r}") from None
-    if len(pair) == 1:
-        pair = pair * 2
-    if len(pair) != 2 or min(pair) < 8:
-        raise ConfigError(f"{flag} must be one or two whole numbers >= 8 (W H), got {value!r}")
-    return tuple(pair)
 
 
 def make_preprocess(img_size, load_size=None, center_crop=None, mean=(0.485, 0.456, 0.406),

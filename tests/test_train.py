@@ -193,9 +193,9 @@ def test_existing_run_is_never_overwritten(trained_run):
     (["--loss-weights", "1", "0", "1"], "--loss-weights must be positive numbers"),
     (["--loss-weights", "1", "nan", "1"], "--loss-weights must be positive numbers"),
     (["--age-threshold", "120"], "--age-threshold must be from 31 to 99"),
-    (["--arch", "twoheads"], "--arch must be one of"),
+    (["--arch", "twoheads"], "argument --arch: invalid choice: 'twoheads' (choose from 'multihead',"),
     (["--fold", "7"], "--fold must be from 0 to 4"),
-    (["--augment", "wild"], "--augment must be one of none, flip, baseline"),
+    (["--augment", "wild"], "argument --augment: invalid choice: 'wild' (choose from 'none', 'flip',"),
     (["--age-loss", "focal:beta=2"], "has no option(s) beta"),
 ])
 def test_bad_flags_give_one_line_errors(flags, message, capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtl.cli import add_train_arguments, overrides_from_args
+from mtl.cli import ArgumentParser, add_train_arguments, overrides_from_args
 from mtl.names import PRUNERS
 
 INTERRUPTED = "interrupted: the study is kept; run the same command again to continue it"
@@ -38,7 +38,7 @@ DataLoader workers of a trial are --loader-workers, since --workers counts trial
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", help="base YAML config of every trial (see configs/); flags override it")
     group = parser.add_argument_group("tuning")
     group.add_argument("--trials", metavar="N", type=int, default=50,
