@@ -257,11 +257,11 @@ def pinned_loader(ctx):
 
     import torch
 
-    from mtl.dataset import FaceDataset, load_fold
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
     from mtl.loader import make_loader
     from mtl.transforms import eval_transform, make_preprocess
     size = tuple(ctx.sizes["small_size"])
-    fold = load_fold(ctx.small_data(), size, cache_dir=ctx.cache, workers=2, progress=False, log=quiet)
+    fold = load_fold(DataSpec(ctx.small_data()), size, cache_dir=ctx.cache, workers=2, progress=False, log=quiet)
     dataset = FaceDataset(fold.train_samples, fold.train_images, eval_transform(make_preprocess(size)))
     rows = []
     for workers in (0, 2):
@@ -697,13 +697,14 @@ def train_step(ctx):
 def loader(ctx):
     import torch
 
-    from mtl.dataset import FaceDataset, load_fold
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
     from mtl.loader import make_loader
     from mtl.transforms import make_preprocess, train_transform
     s = ctx.sizes
     size = tuple(s["real_size"])
     data = ctx.synthetic("loader", s["loader_people"], size, eval_people=4)
-    fold = load_fold(data, size, cache_dir=ctx.cache, workers=min(8, os.cpu_count() or 1), progress=False, log=quiet)
+    fold = load_fold(DataSpec(data), size, cache_dir=ctx.cache, workers=min(8, os.cpu_count() or 1), progress=False,
+                     log=quiet)
     earlier = ctx.earlier("train_step")
     model_rate = earlier["model_img_s"] if earlier else None
     rows = []

@@ -30,7 +30,7 @@ def validation_fold(members, data_root, fold=None, folds=None, seed=None, relabe
 
     fold, folds, seed, relabel and skip_bad default to the first checkpoint's training config.
     """
-    from mtl.dataset import load_fold
+    from mtl.dataset import DataSpec, load_fold
     cfg = members[0]["config"]
     skip_bad = bool(cfg.get("skip_bad", False)) if skip_bad is None else skip_bad
     fold = cfg.get("fold", 0) if fold is None else fold
@@ -47,8 +47,9 @@ def validation_fold(members, data_root, fold=None, folds=None, seed=None, relabe
                 f"its scores here are optimistic")
     samples, sources = None, {}
     for size in dict.fromkeys(load_size_of(m) for m in members):
-        part = load_fold(data_root, size, folds, fold, seed, relabel_csv=relabel, cache_dir=cache_dir,
-                         use_cache=use_cache, workers=workers, skip_bad=skip_bad, progress=progress, log=log)
+        spec = DataSpec(root=data_root, folds=folds, fold=fold, seed=seed, relabel=relabel, skip_bad=skip_bad)
+        part = load_fold(spec, size, cache_dir=cache_dir, use_cache=use_cache, workers=workers, progress=progress,
+                         log=log)
         if samples is None:
             samples = part.val_samples
         sources[size] = part.val_images

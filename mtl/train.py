@@ -28,14 +28,14 @@ from mtl import checkpoint as ckpt_io
 from mtl import labels
 from mtl.config import TrainConfig, dump, value_text
 from mtl.data import read_face_crop_record
-from mtl.dataset import FaceDataset, load_fold
+from mtl.dataset import DataSpec, FaceDataset, load_fold
 from mtl.errors import ConfigError, MTLError
 from mtl.inference import amp_dtype, autocast, predict_probs, resolve_device, to_device, use_channels_last
 from mtl.io import WriteError, atomic_copy, atomic_write_text, os_error, prepare_folder, remove_stale_temps
 from mtl.loader import make_loader
 from mtl.losses import build_loss, class_counts
 from mtl.metrics import score
-from mtl.model import check_trunk, model_from_config, normalization, unwrap
+from mtl.model import check_trunk, clean_state_dict, model_from_config, normalization, unwrap
 from mtl.names import SAMPLERS
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
@@ -406,9 +406,9 @@ def build_run(cfg: TrainConfig, resume, out: Path, rank: int, world: int, device
     mean, std = normalization(model)
     preprocess = make_preprocess(cfg.img_size, cfg.load_size, cfg.center_crop, mean, std,
                                  face_crop=read_face_crop_record(cfg.data))
-    fold = load_fold(cfg.data, preprocess["load_size"], cfg.folds, cfg.fold, cfg.seed, cfg.relabel, cfg.drop_ages,
-                     cfg.extra, cfg.cache_dir, cfg.cache, cfg.workers, cfg.skip_bad,
-                     progress=cfg.progress and rank == 0, log=log if rank == 0 else (lambda *_: None))
+    fold = load_fold(DataSpec.of(cfg), preprocess["load_size"], cache_dir=cfg.cache_dir, use_cache=cfg.cache,
+                     workers=cfg.workers, progress=cfg.progress and rank == 0,
+                     log=log if rank == 0 else (lambda *_: None))
     if len(fold.train_samples) == 0 or len(fold.val_samples) == 0:
         raise ConfigError(f"fold {cfg.fold} of {cfg.folds} leaves no training or no validation photos")
     schema = labels.LabelSchema(cfg.age_threshold)  # NOTE: the one place a run's age groups are defined
@@ -460,7 +460,7 @@ def build_run(cfg: TrainConfig, resume, out: Path, rank: int, world: int, device
 
 def restore(resume, model, optimizer, scheduler, scaler, loss_fn, ema) -> Progress:
     """Load model, optimizer, schedule, scaler, EMA and learned loss weights from last.pt; its Progress."""
-    model.load_state_dict(ckpt_io.clean_state_dict(resume["model"]))
+    model.load_state_dict(clean_state_dict(resume["model"]))
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     scaler.load_state_dict(resume["scaler"])

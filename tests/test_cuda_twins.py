@@ -97,10 +97,10 @@ def test_amp_auto_takes_fp16_where_the_gpu_has_no_native_bf16(monkeypatch):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pinned_memory_asked_without_cuda_falls_back_to_the_same_batches(synthetic_data, cache_dir, workers):
-    from mtl.dataset import FaceDataset, load_fold
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
     from mtl.transforms import eval_transform, make_preprocess
     size = (40, 52)
-    fold = load_fold(synthetic_data, size, cache_dir=cache_dir, progress=False)
+    fold = load_fold(DataSpec(synthetic_data), size, cache_dir=cache_dir, progress=False)
     dataset = torch.utils.data.Subset(FaceDataset(fold.val_samples, fold.val_images,
                                                   eval_transform(make_preprocess(size))), range(40))
     plain = list(make_loader(dataset, 8, workers, pin_memory=False))
