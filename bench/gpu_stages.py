@@ -328,7 +328,7 @@ def predict(ctx):
         argv = ["--checkpoint", checkpoint, "--data", str(data), "--out", str(out / f"{device}_{amp}_{tta}.csv"),
                 "--device", device, "--amp", amp, "--tta", tta, "--workers", str(ctx.sizes["workers"]),
                 "--cache-dir", str(ctx.cache), "--no-progress"]
-        return predict_cli.run(predict_cli.get_args_parser().parse_args(argv), log=quiet)["member_probs"][0]
+        return predict_cli.run(predict_cli.get_args_parser().parse_args(argv), log=quiet).member_probs[0]
 
     reference = {tta: probs("cpu", "off", tta) for tta in ("none", "hflip")}
     cases = [("off", "none"), ("off", "hflip"), ("bf16", "none")] + ([("fp16", "none")] if ctx.cuda else [])

@@ -80,13 +80,14 @@ def facemask_samples(half: str):
 
 def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[dict, object]:
     """(per-task probabilities, LabelSchema) of a checkpoint on a sample table, through predict.py's code path."""
-    from mtl import checkpoint
-    from mtl.members import load_size_of, open_sources, predict_members
-    member = checkpoint.load(checkpoint_path)
-    sources = open_sources(list(samples["image_path"]), [load_size_of(member)], cache_dir=cache_dir,
-                           workers=workers, progress=False)
+    from mtl.members import load_members, open_sources, predict_members
+    member = load_members([str(checkpoint_path)])[0]
+    sources, problems = open_sources(list(samples["image_path"]), [member.load_size], cache_dir=cache_dir,
+                                     workers=workers, progress=False)
+    if problems:
+        raise RuntimeError(f"{len(problems)} bad photo(s), e.g. {problems[0]}")
     probs = predict_members([member], samples, sources, workers=workers, device=device, progress=False)[0]
-    return probs, checkpoint.label_schema(member)
+    return probs, member.schema
 
 
 def train_variant(name, options, args, data, work) -> dict:

@@ -66,11 +66,6 @@ def label_schema(checkpoint: dict) -> labels.LabelSchema:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def check_same_schema(checkpoints) -> labels.LabelSchema:
-    """The one label schema of the checkpoints, or a ConfigError if they differ (they cannot be ensembled)."""
-    return labels.check_same_schema([(c["path"], label_schema(c)) for c in checkpoints])
-
-
 def check_resumable(checkpoint: dict, cfg) -> None:
     """Raise if --resume points at a checkpoint of another architecture, trunk or head than the config's."""
     saved = checkpoint["config"]

@@ -65,7 +65,7 @@ def add_ensemble_flags(group, methods=None, weights_help="one weight per ensembl
 
 
 def add_tta_flags(group):
-    """--tta (predict.py, mtl.soup, data_tools.pseudo_label; read with `inference.check_tta`)."""
+    """--tta (predict.py, mtl.soup, data_tools.pseudo_label; read with `names.check_tta`)."""
     group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME", choices=("none", *TTA),
                        help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from mtl.config import check_device_name
 from mtl.errors import ConfigError
 from mtl.metrics import head_probs
-from mtl.names import AMP_MODES, TTA
+from mtl.names import AMP_MODES
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -76,15 +76,6 @@ def autocast(device: torch.device, dtype):
 def to_device(images, device, channels_last=False):
     images = images.to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-def check_tta(names) -> tuple:
-    """The TTA views to average, as a tuple; 'none' or nothing means no TTA; an unknown name is a ConfigError."""
-    names = tuple(n for n in (names or ()) if n not in ("none", ""))
-    unknown = [n for n in names if n not in TTA]
-    if unknown:
-        raise ConfigError(f"unknown --tta {', '.join(unknown)}; known: none, {', '.join(TTA)}")
-    return names
 
 
 def prepare_model(model, device, channels_last=False):

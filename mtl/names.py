@@ -8,6 +8,8 @@ mistyped name are answered before the heavy libraries load.
 """
 from __future__ import annotations
 
+from mtl.errors import ConfigError
+
 ARCHS = ("multihead", "joint18", "separate")  # model.ARCHS: how trunks feed the heads
 HEADS = ("linear", "ml_decoder")  # model.HEADS: the task heads
 AUGMENTATIONS = ("none", "flip", "baseline", "color", "cutout", "strong", "gridshuffle")  # transforms.AUGMENTATIONS
@@ -31,3 +33,12 @@ LOSS_OPTIONS = {
 LOSSES = tuple(LOSS_OPTIONS)
 GENDER_ONLY_LOSSES = ("bce",)  # NOTE: one logit: only the binary gender task has one
 NOT_GENDER_LOSSES = ("arcface",)  # NOTE: ArcFace needs one class centre per class; gender has a single logit
+
+
+def check_tta(views) -> tuple:
+    """The TTA views to average, as a tuple; 'none' or nothing means no TTA; an unknown name is a ConfigError."""
+    views = tuple(n for n in (views or ()) if n not in ("none", ""))
+    unknown = [n for n in views if n not in TTA]
+    if unknown:
+        raise ConfigError(f"unknown --tta {', '.join(unknown)}; known: none, {', '.join(TTA)}")
+    return views

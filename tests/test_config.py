@@ -101,10 +101,10 @@ def test_every_setting_is_a_flag_made_from_its_schema():
 
 
 def test_each_registry_holds_exactly_the_names_its_choices_list():
-    from mtl import export, losses, model, names, transforms
+    from mtl import deploy, losses, model, names, transforms
     assert tuple(model.ARCHS) == names.ARCHS == ("multihead", "joint18", "separate")
     assert tuple(model.HEADS) == names.HEADS and tuple(transforms.AUGMENTATIONS) == names.AUGMENTATIONS
-    assert tuple(losses.LOSSES) == names.LOSSES and tuple(export.EXPORTERS) == tuple(export.RUNNERS) == \
+    assert tuple(losses.LOSSES) == names.LOSSES and tuple(deploy.EXPORTERS) == tuple(deploy.RUNNERS) == \
         names.EXPORT_FORMATS
     for key, known in (("arch", names.ARCHS), ("head", names.HEADS), ("augment", names.AUGMENTATIONS),
                        ("oversample_augment", names.AUGMENTATIONS), ("loss_weighting", names.WEIGHTINGS),

@@ -188,7 +188,7 @@ def test_known_probabilities_give_the_expected_table(best, synthetic_data, cache
     # best.pt and last.pt through a glob: a soft ensemble of two members that agree
     result = run_pl("--checkpoint", best.parent / "*.pt", "--data", root, "--out", root / "extra.csv", "--overwrite",
                     "--no-age-reg", "--min-confidence-mask", 0.8, "--min-confidence-age", 0.99, cache_dir=cache_dir)
-    assert [Path(m["path"]).name for m in result["members"]] == ["best.pt", "last.pt"]
+    assert [Path(m.path).name for m in result["members"]] == ["best.pt", "last.pt"]
     written = pd.read_csv(root / "extra.csv", dtype=str)
     assert written["path"].tolist() == [f"eval/images/{ids[i]}" for i in (0, 1, 3, 5)]
     assert written["mask"].tolist() == ["0", "1", "2", "2"]
