@@ -235,7 +235,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args):
     """One clear line for a bad flag, before any work."""
-    from mtl.config import size_pair
+    from mtl.config import check_device_name, size_pair
     if not 0 <= args.margin <= 2:
         raise ConfigError(f"--margin must be from 0 to 2 (a fraction of the face box), got {args.margin}")
     args.size = size_pair(args.size, "--size")
@@ -247,13 +247,14 @@ def check_args(args):
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    from mtl.inference import resolve_device
-    resolve_device(args.device)
+    check_device_name(args.device)  # NOTE: whether this machine has it is checked where the detector is built
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     check_args(args)
+    from mtl.inference import resolve_device
+    resolve_device(args.device)  # NOTE: a GPU this machine lacks, before any photo is read
     try:
         crop_dataset(args.data, args.out, args.margin, args.size, args.device, args.batch_size, args.min_face,
                      args.skip_bad, args.workers, args.progress, threads=args.threads)

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from mtl import labels
 from mtl.errors import ConfigError
 from mtl.io import atomic_torch_save
-from mtl.model import clean_state_dict, model_from_config
 
 CHECKPOINT_FORMAT = 1
 
@@ -34,6 +31,7 @@ def load(path) -> dict:
         raise ConfigError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise ConfigError(f"{path}: empty file (0 bytes), not a checkpoint")
+    import torch  # NOTE: here, not at the top: reading a checkpoint's records (schema, config) needs no torch
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
@@ -50,6 +48,7 @@ def load(path) -> dict:
 
 def build_model(checkpoint: dict):
     """The model a checkpoint describes, with its weights loaded (no pretrained download)."""
+    from mtl.model import clean_state_dict, model_from_config
     model = model_from_config(checkpoint["config"], pretrained=False)
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
     return model

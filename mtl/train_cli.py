@@ -46,6 +46,7 @@ def resolve_config(args):
 def main(argv=None):
     """train_multitask.py: parse the command line (argv, default sys.argv), train, say where the outputs are."""
     args = get_args_parser().parse_args(argv)
+    cfg = resolve_config(args)  # NOTE: every flag checked before the training stack (torch, timm) is imported
     from mtl.train import train
-    result = train(resolve_config(args))
+    result = train(cfg)
     print(f"best 18-class macro F1 {result['best_f1']:.4f}; outputs in {result['out']}")
