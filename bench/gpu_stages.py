@@ -207,17 +207,17 @@ def train_and_resume(ctx, amp, compile_=False, model=None):
     a, b = checkpoint.load(out / "full" / "last.pt"), checkpoint.load(out / "part" / "last.pt")
     weights, optimizer = state_diff(a["model"], b["model"]), state_diff(a["optimizer"], b["optimizer"])
     losses = epoch_losses(out / "full") + epoch_losses(out / "part")
-    finite = bool(losses) and all(math.isfinite(v) for v in losses) and math.isfinite(full["best_f1"])
+    finite = bool(losses) and all(math.isfinite(v) for v in losses) and math.isfinite(full.best_f1)
     bitwise = weights["bitwise"] and optimizer["bitwise"] and a["scaler"] == b["scaler"]
     close = max(weights["rel_diff"], optimizer["rel_diff"]) <= RESUME_REL_TOL
-    ok = finite and b["epoch"] == 2 and resumed["epochs_run"] == 1 and (bitwise or close)
+    ok = finite and b["epoch"] == 2 and resumed.epochs_run == 1 and (bitwise or close)
     scale = a["scaler"].get("scale") if a["scaler"] else None
     summary = (f"losses {', '.join(f'{v:.3f}' for v in losses)}; resumed = straight run "
                f"{'bitwise' if bitwise else (f'within {RESUME_REL_TOL:.0e} (not bitwise)' if close else 'NO')}"
                f" (weights: largest difference {weights['max_abs_diff']:.1e})"
                + (f"; grad scale {scale:g}" if scale is not None else ""))
     return {"ok": ok, "summary": summary, "losses": losses, "finite": finite, "bitwise": bitwise,
-            "weights": weights, "optimizer": optimizer, "scaler": a["scaler"], "val_f1": full["best_f1"],
+            "weights": weights, "optimizer": optimizer, "scaler": a["scaler"], "val_f1": full.best_f1,
             "nondeterministic_ops": notes, "checkpoint": str(out / "full" / "best.pt"), **times}
 
 
@@ -312,7 +312,7 @@ def small_checkpoint(ctx) -> str:
         return earlier["checkpoint"]
     from mtl.train import train
     out = ctx.folder("predict_model")
-    return str(Path(train(small_config(ctx, out=str(out), epochs=1, amp="off"), log=quiet)["out"]) / "best.pt")
+    return str(Path(train(small_config(ctx, out=str(out), epochs=1, amp="off"), log=quiet).out) / "best.pt")
 
 
 @register("predict", "predict.py on the device = on the CPU, same checkpoint (fp32, hflip TTA, bf16, fp16)",

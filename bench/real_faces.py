@@ -119,9 +119,9 @@ def train_variant(name, options, args, data, work) -> dict:
     t0 = time.time()
     result = train(cfg, log=print)
     minutes = (time.time() - t0) / 60
-    row = {"variant": name, "train_min": minutes, "best_epoch": result["best_epoch"],
-           "best": str(Path(result["out"]) / "best.pt"), "cache_dir": cfg.cache_dir}
-    row.update({f"val_{k}": v for k, v in result["metrics"].items() if k in ("f1", "mask_f1", "gender_f1", "age_f1",
+    row = {"variant": name, "train_min": minutes, "best_epoch": result.best_epoch,
+           "best": str(Path(result.out) / "best.pt"), "cache_dir": cfg.cache_dir}
+    row.update({f"val_{k}": v for k, v in result.metrics.items() if k in ("f1", "mask_f1", "gender_f1", "age_f1",
                                                                              "age_acc", "gender_acc", "age_reg_f1")})
     atomic_write_text(json.dumps(row, indent=2), out / "train_row.json")
     return row

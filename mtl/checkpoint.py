@@ -4,7 +4,7 @@ Keys: format, model (plain state dict: no '_orig_mod.' or 'module.' prefixes), c
 resolved TrainConfig), schema (the run's labels.LabelSchema.to_dict()), preprocess (the record
 transforms.eval_transform rebuilds the input pipeline from), epoch (last finished, counting from
 1), metrics (validation metrics of that epoch); last.pt adds optimizer, scheduler, scaler, ema,
-loss (learned loss weights) and train_state (train.Progress: steps, the best epoch, early stopping).
+loss (learned loss weights) and train_state (run_files.Progress: steps, the best epoch, early stopping).
 `label_schema` reads the schema back (every version written so far): it is what inference uses; the
 config's age_threshold is the setting that made it, kept so the run can be repeated.
 """

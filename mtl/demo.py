@@ -74,10 +74,10 @@ def run(args, log=print) -> dict:
          "--workers", str(args.workers)] + ([] if args.progress else ["--no-progress"])), log=log)
     f1 = eval_f1(data, submission)
     scored = f" (18-class macro F1 on the eval people: {f1:.3f})" if f1 is not None else ""
-    log(f"validation F1 {result['best_f1']:.3f}; submission written to {submission}{scored}")
+    log(f"validation F1 {result.best_f1:.3f}; submission written to {submission}{scored}")
     log(f"done: submission {submission}; TensorBoard logs in {out}: open them with `tensorboard --logdir "
         f"{out.parent}` and browse http://localhost:6006")
-    return {"out": out, "submission": submission, "best_f1": result["best_f1"], "eval_f1": f1}
+    return {"out": out, "submission": submission, "best_f1": result.best_f1, "eval_f1": f1}
 
 
 def main(argv=None) -> dict:

@@ -49,4 +49,4 @@ def main(argv=None):
     cfg = resolve_config(args)  # NOTE: every flag checked before the training stack (torch, timm) is imported
     from mtl.train import train
     result = train(cfg)
-    print(f"best 18-class macro F1 {result['best_f1']:.4f}; outputs in {result['out']}")
+    print(f"best 18-class macro F1 {result.best_f1:.4f}; outputs in {result.out}")

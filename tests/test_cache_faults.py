@@ -36,7 +36,7 @@ def world(tmp_path_factory):
     data = make_synthetic(base / "data", people=20, seed=5, eval_people=5, size=(96, 128), progress=False)
     cfg = config.build({**TINY, "epochs": 1, "log_images": 0, "data": str(data), "cache_dir": str(base / "train_cache"),
                         "out": str(base / "run")})
-    checkpoint = Path(train(cfg, log=lambda *_: None)["out"]) / "best.pt"
+    checkpoint = Path(train(cfg, log=lambda *_: None).out) / "best.pt"
     world = {"base": base, "data": data, "checkpoint": checkpoint}
     world["fresh"] = observe(world, base / "fresh")
     assert world["fresh"]["notes"] == []

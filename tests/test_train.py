@@ -120,7 +120,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     assert seen == [3]
     a = checkpoint.load(tmp_path / "full" / "last.pt")
     b = checkpoint.load(tmp_path / "part" / "last.pt")
-    assert b["epoch"] == 3 and result["epochs_run"] == 1
+    assert b["epoch"] == 3 and result.epochs_run == 1
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert list(a["optimizer"]["state"]) == list(b["optimizer"]["state"])
@@ -129,7 +129,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
 
 
 def test_progress_counts_the_best_epoch_and_early_stopping():
-    from mtl.train import Progress
+    from mtl.run_files import Progress
     progress = Progress()
     assert [progress.record(e, {"f1": f1}) for e, f1 in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.4))] == \
         [True, True, False, False]
@@ -153,13 +153,13 @@ def test_progress_counts_the_best_epoch_and_early_stopping():
 @pytest.mark.slow
 def test_options_train_with_finite_losses(tiny_config, options):
     result = train(tiny_config(epochs=1, **options), **QUIET)
-    assert 0.0 <= result["best_f1"] <= 1.0 and result["epochs_run"] == 1
+    assert 0.0 <= result.best_f1 <= 1.0 and result.epochs_run == 1
 
 
 @pytest.mark.slow
 def test_all_folds_trains_each_fold(tiny_config, tmp_path):
     result = train(tiny_config(epochs=1, folds=2, all_folds=True, out=str(tmp_path / "cv")), **QUIET)
-    assert len(result["folds"]) == 2
+    assert len(result.folds) == 2
     assert (tmp_path / "cv" / "fold0" / "best.pt").is_file() and (tmp_path / "cv" / "fold1" / "best.pt").is_file()
     assert "f1_mean" in json.loads((tmp_path / "cv" / "metrics.json").read_text())
 
@@ -346,7 +346,7 @@ def test_a_full_disk_mid_run_is_one_line_that_says_what_was_kept(tiny_config, tm
     import resource
     import shutil
     first = train(tiny_config(epochs=1, out=str(tmp_path / "run")), **QUIET)
-    run = Path(first["out"])
+    run = Path(first.out)
     size = (run / "last.pt").stat().st_size
     if full == "tmpfs":
         disk = tmp_path / "disk"
@@ -390,7 +390,7 @@ def test_resume_repairs_best_pt_and_metrics_json_behind_last_pt(tiny_config, tmp
     (out / "metrics.json").unlink()
     resumed = train(config.build({"resume": str(out / "last.pt")}, base=checkpoint.load(out / "last.pt")["config"]),
                     **QUIET)
-    assert resumed["epochs_run"] == 0
+    assert resumed.epochs_run == 0
     repaired = checkpoint.load(out / "best.pt")
     assert repaired["epoch"] == best["epoch"] == 1 and repaired["metrics"] == best["metrics"]
     assert all(torch.equal(repaired["model"][k], best["model"][k]) for k in best["model"])
@@ -417,7 +417,7 @@ def test_a_run_that_stopped_early_trains_no_more_when_resumed(tiny_config, tmp_p
     seen = []
     result = train(config.build({"resume": str(out / "last.pt"), "patience": 2, "epochs": 3}, base=last["config"]),
                    on_epoch=lambda e, m: seen.append(e), **QUIET)
-    assert seen == [] and result["epochs_run"] == 0 and checkpoint.load(out / "last.pt")["epoch"] == 1
+    assert seen == [] and result.epochs_run == 0 and checkpoint.load(out / "last.pt")["epoch"] == 1
 
 
 def test_outputs_are_readable_by_the_group_the_umask_allows(trained_run):

@@ -27,7 +27,7 @@ import yaml
 import mtl.train
 from mtl import config
 from mtl.cli import main_guard
-from mtl.train import TrainingError
+from mtl.train import TrainingError, TrainResult
 from mtl.tune import TuneSettings, check_settings
 from mtl.tune import space as search_space
 from mtl.tune import study as tune_study
@@ -92,8 +92,7 @@ def scripted_train(fail_on=(), interrupt_on=(), same_f1=False):
                 raise KeyboardInterrupt
             f1s.append(0.9 - 0.1 * (0 if same_f1 else n) + 0.01 * epoch)
             on_epoch(epoch, {"f1": f1s[-1]})
-        return {"out": cfg.out, "best_f1": max(f1s), "best_epoch": len(f1s), "metrics": {"f1": max(f1s)},
-                "epochs_run": len(f1s)}
+        return TrainResult(cfg.out, max(f1s), len(f1s), {"f1": max(f1s)}, len(f1s))
     return train
 
 
