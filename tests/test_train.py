@@ -99,11 +99,21 @@ def test_hparams_table_puts_the_settings_that_differ_first(trained_run, tiny_con
     assert not [p for p in events if b"_hparams_/experiment" in p.read_bytes()]
 
 
-def test_checkpoint_rebuilds_the_model(trained_run):
+def test_checkpoint_rebuilds_the_model_it_validated(trained_run, cache_dir):
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
+    from mtl.inference import predict_probs
+    from mtl.loader import make_loader
+    from mtl.metrics import score
+    from mtl.transforms import eval_transform
     best = checkpoint.load(Path(trained_run["out"]) / "best.pt")
-    model = checkpoint.build_model(best)
-    out = model.eval()(torch.zeros(1, 3, 64, 48))
-    assert set(out) == {"mask", "gender", "age", "age_reg"}
+    model = checkpoint.build_model(best)  # the config's architecture, the stored weights, no download
+    assert all(torch.equal(value, best["model"][key]) for key, value in model.state_dict().items())
+    fold = load_fold(DataSpec.of(best["config"]), best["preprocess"]["load_size"], cache_dir=cache_dir, workers=0,
+                     progress=False, log=lambda *_: None)
+    schema = checkpoint.label_schema(best)
+    val = FaceDataset(fold.val_samples, fold.val_images, eval_transform(best["preprocess"]), schema)
+    probs = predict_probs(model, make_loader(val, 64, workers=0), torch.device("cpu"))
+    assert score(probs, val.truth(), schema) == pytest.approx(best["metrics"], abs=1e-6)  # what training measured
 
 
 @pytest.mark.slow
@@ -152,8 +162,25 @@ def test_progress_counts_the_best_epoch_and_early_stopping():
 ])
 @pytest.mark.slow
 def test_options_train_with_finite_losses(tiny_config, options):
+    import math
     result = train(tiny_config(epochs=1, **options), **QUIET)
-    assert 0.0 <= result.best_f1 <= 1.0 and result.epochs_run == 1
+    out = Path(result.out)
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0}).Reload()
+    heads = {"joint"} if options["arch"] == "joint18" else {"mask", "gender", "age"}
+    assert {t for t in events.Tags()["scalars"] if t.startswith("train/loss")} == \
+        {"train/loss"} | {f"train/loss_{h}" for h in heads}  # each head's loss of the architecture, and no other
+    losses = [e.value for t in events.Tags()["scalars"] if t.startswith("train/loss") for e in events.Scalars(t)]
+    assert losses and all(math.isfinite(v) for v in losses)
+    best, last = checkpoint.load(out / "best.pt"), checkpoint.load(out / "last.pt")
+    assert result.epochs_run == 1 and best["schema"]["age_threshold"] == options.get("age_threshold", 60)
+    assert any(k.startswith("trunks.2.") for k in best["model"]) == (options["arch"] == "separate")
+    if options.get("loss_weighting") == "uncertainty":  # learned: the weights moved from their start, 1/2
+        assert any(events.Scalars(f"loss_weight/{t}")[-1].value != 0.5 for t in heads)
+    if options.get("ema"):  # best.pt holds the EMA weights validated, last.pt the trained ones beside them
+        assert not torch.equal(best["model"]["trunks.0.backbone.conv_stem.weight"],
+                               last["model"]["trunks.0.backbone.conv_stem.weight"])
+        assert torch.equal(best["model"]["trunks.0.backbone.conv_stem.weight"],
+                           last["ema"]["trunks.0.backbone.conv_stem.weight"])
 
 
 @pytest.mark.slow

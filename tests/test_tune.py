@@ -369,7 +369,22 @@ def test_sampled_values_become_a_config(tune_data):
 
 @pytest.mark.parametrize("name", ["search_space.yaml", "search_space_wide.yaml"])
 def test_shipped_search_spaces_fit_the_default_config(tune_data, name):
-    settings = check_settings(TuneSettings(space=str(ROOT / "configs" / name),
-                                           config=str(ROOT / "configs" / "default.yaml"),
+    default = ROOT / "configs" / "default.yaml"
+    settings = check_settings(TuneSettings(space=str(ROOT / "configs" / name), config=str(default),
                                            overrides={"data": str(tune_data)}))
-    search_space.check_space(search_space.load_space(settings.space), settings, settings.space)
+    space = search_space.load_space(settings.space)
+    base = search_space.check_space(space, settings, settings.space)
+    assert base.to_dict() == config.build({"data": str(tune_data), "progress": False}, default).to_dict()
+    for where in ("low", "mid", "high"):  # every corner of the space is a config that trains what was asked
+        values = search_space.point(space, where, base.losses)
+        cfg = config.build({"data": str(tune_data), **search_space.to_overrides(values, base.losses)}, default)
+        for key, spec in ((k, v) for k, v in space.items() if k in values):  # NOTE: not the options a loss lacks
+            task, _, option = key.partition(".")[2].partition(".")
+            got = cfg.losses[task][option] if key.startswith("losses.") else getattr(cfg, key)
+            assert got == values[key], (where, key, got)
+            if spec["type"] == "loss_weights":
+                assert sum(got) == pytest.approx(search_space.LOSS_WEIGHT_SUM), (where, key, got)
+            elif spec["type"] == "categorical":
+                assert got in spec["choices"], (where, key, got)
+            else:
+                assert spec["low"] <= got <= spec["high"], (where, key, got)
