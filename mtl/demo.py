@@ -19,7 +19,7 @@ CONFIG = CONFIGS / "demo.yaml"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="demo_data", help="demo data folder; made when it holds no train/train.csv")
     parser.add_argument("--people", type=int, default=300, help="train people of a new demo data set")
     parser.add_argument("--out", default="runs/demo", help="run folder; a fresh -2, -3, ... when it is taken")

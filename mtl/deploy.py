@@ -144,7 +144,7 @@ def max_errors(got: dict, expected: dict, by_name=True) -> dict:
     return errors
 
 
-def check_file(fmt, path, module, inputs_by_batch, tolerance=TOLERANCE, by_name=True) -> dict:
+def check_file(fmt, path, module, inputs_by_batch, *, tolerance=TOLERANCE, by_name=True) -> dict:
     """Run the exported file at every check batch; ExportError unless every output matches PyTorch within tolerance."""
     worst = {}
     for args in inputs_by_batch:

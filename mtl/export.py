@@ -63,7 +63,7 @@ def json_path(out) -> Path:
 
 
 # ---------------------------------------------------------------- the command
-def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", opset=None, tolerance=None, log=print) -> dict:
+def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", *, opset=None, tolerance=None, log=print) -> dict:
     """Export, check and write a checkpoint (a path, a loaded dict or a members.Member) and its JSON record; returns the
     record."""
     import torch
@@ -101,7 +101,7 @@ def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", opset=None, tole
     with atomic_path(out) as tmp:
         try:
             EXPORTERS[fmt](module, (example,), tmp, opset)
-            worst = check_file(fmt, tmp, module, checks, tolerance)
+            worst = check_file(fmt, tmp, module, checks, tolerance=tolerance)
         except Exception as exc:  # noqa: BLE001 - name the part that fails, or say what failed
             part = diagnose(fmt, model, example, tmp.parent / f".{tmp.name}.parts")
             where = f"{part}" if part else first_line(exc)
@@ -125,7 +125,7 @@ def cleanup(folder: Path):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m mtl.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint to export (e.g. runs/NAME/best.pt)")
     parser.add_argument("--format", default="onnx", choices=EXPORT_FORMATS, help="onnx (default) or torchscript")
     parser.add_argument("--out", required=True, help="model file to write; the JSON record goes beside it (.json)")
@@ -135,7 +135,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
-    return export_checkpoint(args.checkpoint, args.format, args.out, args.opset)
+    return export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset)
 
 
 if __name__ == "__main__":

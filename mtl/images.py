@@ -352,7 +352,8 @@ class ImageCache:
             self._grow(rows_total)
             jobs = [(str(self.pixels_file), rows_total, self.size, entries[p].row, p) for p, _ in todo]
             bar = f"caching photos at {self.size[0]}x{self.size[1]}"
-            for (path, key), (error, facts) in zip(todo, map_photos(_decode_into, jobs, workers, progress, bar)):
+            decoded = map_photos(_decode_into, jobs, workers=workers, progress=progress, desc=bar)
+            for (path, key), (error, facts) in zip(todo, decoded):
                 if error is None:
                     entries[path] = Entry(entries[path].row, *key, *facts)
                 else:
@@ -381,7 +382,7 @@ class ImageCache:
 
 
 
-def map_photos(work, jobs, workers, progress, desc) -> list:
+def map_photos(work, jobs, *, workers, progress, desc) -> list:
     """[work(job) for job in jobs] with a progress bar: in this process for few jobs or one worker, else in a
     pool of `workers` processes (photos decode in parallel; results come back in order)."""
     results = []
@@ -401,11 +402,11 @@ def map_photos(work, jobs, workers, progress, desc) -> list:
 def check_images(paths, workers=2, progress=True, desc="checking photos"):
     """Decode every photo once (no cache) and return a Problem for each one that fails."""
     paths = list(paths)
-    errors = map_photos(image_error, paths, workers, progress, desc)
+    errors = map_photos(image_error, paths, workers=workers, progress=progress, desc=desc)
     return [Problem(p, e) for p, e in zip(paths, errors) if e is not None]
 
 
-def open_images(paths, size, cache_dir=None, use_cache=True, workers=2, progress=True, log=print):
+def open_images(paths, size, *, cache_dir=None, use_cache=True, workers=2, progress=True, log=print):
     """Photos at `size` for these paths -> (image source, [Problem]); every photo is checked to decode and be
     at least MIN_PHOTO_SIDE on each side."""
     if use_cache:

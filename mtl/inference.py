@@ -84,14 +84,15 @@ def prepare_model(model, device, channels_last=False):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def predict_probs(model, loader, device, dtype=None, channels_last=False, tta=(), progress=False,
+def predict_probs(model, loader, device, *, dtype=None, channels_last=False, tta=(), progress=False,
                   desc="predicting") -> dict:
     """Per-task probabilities (numpy) for every sample of the loader, in loader order; TTA views are averaged."""
-    return predict_probs_many([model], loader, device, dtype, channels_last, tta, progress, desc)[0]
+    return predict_probs_many([model], loader, device, dtype=dtype, channels_last=channels_last, tta=tta,
+                              progress=progress, desc=desc)[0]
 
 
 @torch.inference_mode()
-def predict_probs_many(models, loader, device, dtype=None, channels_last=False, tta=(), progress=False,
+def predict_probs_many(models, loader, device, *, dtype=None, channels_last=False, tta=(), progress=False,
                        desc="predicting") -> list[dict]:
     """predict_probs for several models in one pass over the loader: each batch is decoded and transformed once."""
     for model in models:

@@ -198,7 +198,7 @@ class BatchLoader:
             yield ring.take(batch, buffers)
 
 
-def make_loader(dataset, batch_size, workers=2, shuffle=False, sampler=None, generator=None, drop_last=False,
+def make_loader(dataset, batch_size, workers=2, *, shuffle=False, sampler=None, generator=None, drop_last=False,
                 device=None, pin_memory=None) -> BatchLoader:
     """Batches of the dataset: in order, shuffled, or drawn by `sampler`; pinned by default when device is CUDA."""
     if sampler is None:

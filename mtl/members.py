@@ -159,8 +159,9 @@ def predict_members(members, samples, sources, *, batch_size=64, workers=2, devi
         models = [prepare_model(members[i].build_model(), device, channels_last) for i in indices]
         desc = f"predicting ({len(models)} model{'s' if len(models) > 1 else ''}" + (
             f", group {k}/{len(groups)})" if len(groups) > 1 else ")")
-        for i, probs in zip(indices, predict_probs_many(models, loader, device, dtype, channels_last, tta, progress,
-                                                        desc)):
+        answers = predict_probs_many(models, loader, device, dtype=dtype, channels_last=channels_last, tta=tta,
+                                     progress=progress, desc=desc)
+        for i, probs in zip(indices, answers):
             results[i] = probs
         del models
         if device.type == "cuda":

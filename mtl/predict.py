@@ -141,7 +141,8 @@ def predict_submission(args, log=print):
         sources[RAW] = GivenPhotos(samples["image_path"])
         log(f"{sum(crop)} checkpoint(s) trained on face crops: cropping {args.data}'s uncropped photos with their "
             f"settings")
-    prediction = predict(args, members, weights, info["ImageID"].tolist(), samples, sources, crop, log)
+    prediction = predict(args, members, weights, image_ids=info["ImageID"].tolist(), samples=samples, sources=sources,
+                         crop=crop, log=log)
     write_predictions(args, prediction, [submission_write(out, prediction)], log)
     return prediction
 
@@ -162,7 +163,8 @@ def predict_validation(args, log=print):
                             relabel=args.relabel, skip_bad=args.skip_bad, cache_dir=args.cache_dir,
                             use_cache=args.cache, workers=args.workers, progress=args.progress, log=log)
     samples, schema = split.samples, members[0].schema
-    prediction = predict(args, members, weights, samples["image_path"].tolist(), samples, split.sources, None, log)
+    prediction = predict(args, members, weights, image_ids=samples["image_path"].tolist(), samples=samples,
+                         sources=split.sources, log=log)
     info = {"checkpoints": [m.path for m in members], "weights": weights.tolist(), "ensemble": args.ensemble,
             "tta": list(prediction_tta(args)), "fold": split.fold, "folds": split.folds, "seed": split.seed,
             "data": str(args.data), "age_threshold": schema.age_threshold, "photos": len(samples),
@@ -252,7 +254,7 @@ def headline_of(args, members, photos, schema) -> str:
             f"{', '.join(prediction_tta(args)) or 'none'}, age threshold {schema.age_threshold}")
 
 
-def predict(args, members, weights, image_ids, samples, sources, crop, log):
+def predict(args, members, weights, *, image_ids, samples, sources, crop=None, log=print):
     """The members over the sources (predictor.predict_sources), combined: the Prediction of the photos in samples."""
     from mtl.ensemble import combine
     from mtl.predictor import Prediction, predict_sources

@@ -144,12 +144,12 @@ def write_report(report_dir, *, samples, images, result: Ensemble, schema: label
         save_png(fig, report_dir / name)
     people = people_table(samples, truth, result, schema)
     atomic_write_csv(people, report_dir / "people.csv")
-    atomic_write_text(report_markdown(info, metrics, per_class, people, len(wrong), len(shown)),
+    atomic_write_text(report_markdown(info, metrics, per_class, people, n_wrong=len(wrong), n_shown=len(shown)),
                       report_dir / "report.md")
     return metrics
 
 
-def report_markdown(info, metrics, per_class, people, n_wrong, n_shown) -> str:
+def report_markdown(info, metrics, per_class, people, *, n_wrong, n_shown) -> str:
     """report.md: the headline metrics, per-class F1, the people most often wrong, links to every file."""
     members = "\n".join(f"- `{p}`" for p in info["checkpoints"])
     lines = [f"# Validation report: fold {info['fold']} of {info['folds']} (seed {info['seed']})", "",

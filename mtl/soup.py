@@ -77,8 +77,8 @@ class SoupScorer:
         from mtl.metrics import score
         from mtl.model import clean_state_dict
         self.model.load_state_dict(clean_state_dict(state))
-        probs = predict_probs(self.model, self.loader, self.device, self.dtype, self.channels_last, self.tta,
-                              self.progress, desc)
+        probs = predict_probs(self.model, self.loader, self.device, dtype=self.dtype, channels_last=self.channels_last,
+                              tta=self.tta, progress=self.progress, desc=desc)
         return score(probs, self.truth, self.schema)
 
 
@@ -157,7 +157,7 @@ def make_soup(args, log=print) -> Soup:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m mtl.soup", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", "--checkpoint", nargs="+", action="extend", required=True, metavar="PATH",
                         help="ingredient checkpoints or globs (same architecture, trunk, head and preprocessing)")
     parser.add_argument("--data", default="data", help="data folder the ingredients were trained on")
@@ -168,7 +168,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> Soup:
     """python -m mtl.soup: parse the command line (argv, default sys.argv) and make the soup."""
     return make_soup(get_args_parser().parse_args(argv))
 

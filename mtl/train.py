@@ -195,7 +195,7 @@ def train_one_epoch(run: Run, loader, epoch: int, writer=None) -> dict:
 def evaluate(run: Run) -> tuple[dict, dict]:
     """(metrics, numpy probabilities) on the validation people; under DDP each rank scores a shard, rank 0 joins."""
     model = run.ema.module if run.ema is not None else unwrap(run.model)
-    probs = predict_probs(model, run.val_loader, run.device, run.dtype, run.channels_last)
+    probs = predict_probs(model, run.val_loader, run.device, dtype=run.dtype, channels_last=run.channels_last)
     parts = gather((run.val_indices, probs), run.world)
     order = np.concatenate([p[0] for p in parts])
     joined = {k: np.concatenate([p[1][k] for p in parts]) for k in probs}

@@ -110,7 +110,7 @@ def run(paths, out, weights=None, log=print) -> pd.DataFrame:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m mtl.vote", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("submissions", nargs="+", metavar="CSV",
                         help=f"submission CSVs (ImageID,ans), at least {MIN_FILES}; the first one breaks ties")
     parser.add_argument("--weights", type=float, nargs="+", metavar="W",
