@@ -208,7 +208,7 @@ def crop_dataset(data_root, out, margin=DEFAULT_MARGIN, size=DEFAULT_SIZE, devic
 # ---------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m data_tools.crop_faces", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", metavar="DATA", help="data folder with train/ and/or eval/ (the competition layout)")
     parser.add_argument("out", metavar="OUT", help="new folder for the cropped copy (or the same one, to resume)")
     crop = parser.add_argument_group("crop")

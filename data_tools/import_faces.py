@@ -183,7 +183,7 @@ def summary(samples: pd.DataFrame, out: Path, how: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m data_tools.import_faces", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", metavar="SRC", help="folder of outside photos (searched recursively)")
     parser.add_argument("out", metavar="OUT", help="folder to write extra.csv (and images/ with --copy/--link) into")
     parser.add_argument("--format", required=True, choices=FORMATS,

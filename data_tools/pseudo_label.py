@@ -158,7 +158,7 @@ def run(args, log=print) -> dict:
 # ---------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m data_tools.pseudo_label", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LEGITIMACY)
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LEGITIMACY)
     group = parser.add_argument_group("input and output")
     group.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH", required=True,
                        help="checkpoint(s) or glob(s), e.g. 'runs/NAME/fold*/best.pt'; several make a soft ensemble")

@@ -382,7 +382,7 @@ def summary(facts, report_path) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m data_tools.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", metavar="DATA", help="data folder with train/ (and eval/), the competition layout")
     parser.add_argument("--out", help="folder for report.md and the PNG plots (default: ./report_<DATA name>)")
     parser.add_argument("--age-threshold", default=labels.DEFAULT_AGE_THRESHOLD,
