@@ -235,7 +235,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args):
     """One clear line for a bad flag, before any work."""
-    from mtl.config import check_device_name, size_pair
+    from mtl.checks import check_device_name, size_pair
     if not 0 <= args.margin <= 2:
         raise ConfigError(f"--margin must be from 0 to 2 (a fraction of the face box), got {args.margin}")
     args.size = size_pair(args.size, "--size")

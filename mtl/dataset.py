@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl import data, labels
-from mtl.config import check_fold, parse_age_range
+from mtl.checks import check_fold, parse_age_range
 from mtl.images import open_images
 from mtl.splits import person_folds
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtl.config import check_device_name
+from mtl.checks import check_device_name
 from mtl.errors import ConfigError
 from mtl.metrics import head_probs
 from mtl.names import AMP_MODES

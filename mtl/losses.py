@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl import labels, names
-from mtl.config import check_loss_spec
+from mtl.checks import check_loss_spec
 from mtl.errors import ConfigError
 from mtl.model import AGE_SCALE
 

@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from mtl import labels
-from mtl.config import check_fold
+from mtl.checks import check_fold
 from mtl.errors import ConfigError
 
 STRATIFY_THRESHOLD = labels.DEFAULT_AGE_THRESHOLD

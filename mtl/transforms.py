@@ -17,7 +17,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from mtl import names
-from mtl.config import size_pair
+from mtl.checks import size_pair
 from mtl.errors import ConfigError
 
 

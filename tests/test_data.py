@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mtl import config, data, labels
+from mtl import checks, data, labels
 from mtl.dataset import DataSpec, FaceDataset, load_fold
 from mtl.errors import DataError
 from mtl.images import MIN_PHOTO_SIDE, DirectImages, ImageCache, decode_image
@@ -119,7 +119,7 @@ def test_drop_ages_only_from_training(synthetic_data, cache_dir):
     plain = load_fold(DataSpec(synthetic_data), SIZE, cache_dir=cache_dir, progress=False)
     assert plain.val_samples.equals(fold.val_samples)
     with pytest.raises(DataError, match="drop-ages"):
-        config.parse_age_range("fifty")
+        checks.parse_age_range("fifty")
 
 
 def test_no_person_crosses_folds_and_folds_are_deterministic(synthetic_data):

@@ -131,7 +131,7 @@ def test_uncertainty_weighting_learns_its_weights():
 
 
 def test_unknown_loss_and_option_are_refused():
-    from mtl.config import check_loss_spec
+    from mtl.checks import check_loss_spec
     with pytest.raises(ConfigError, match="unknown loss 'nope' for age"):
         check_loss_spec("age", {"name": "nope"})
     with pytest.raises(ConfigError, match="gamma"):
