@@ -135,6 +135,9 @@ def predict_submission(args, log=print):
     sizes = [m.load_size for m, c in zip(members, crop) if not c]
     sources, problems = open_sources(samples["image_path"], sizes, cache_dir=args.cache_dir, use_cache=args.cache,
                                      workers=args.workers, progress=args.progress, log=log)
+    if not sizes:  # NOTE: every member crops the photos itself: each one is still checked before any model runs
+        from mtl.images import check_images
+        problems = check_images(samples["image_path"], workers=max(1, args.workers), progress=args.progress)
     if problems:
         raise DataError(format_problems(problems, "bad eval photo"))
     if any(crop):  # raw photos for a model trained on face crops: cropped with its settings

@@ -154,6 +154,17 @@ def test_raw_photos_cropped_at_prediction_equal_the_crop_faces_route(raw_photos,
     assert [a["face_found"] for a in again] == table["face_found"].tolist()
 
 
+def test_a_broken_raw_photo_is_named_before_any_crop_or_model(raw_photos, crop_checkpoint, tmp_path, monkeypatch):
+    from mtl.errors import DataError
+    monkeypatch.setattr(face_crop, "FaceDetector", None)  # NOTE: nothing may be cropped, or detected, here
+    monkeypatch.setattr("mtl.members.predict_members", None)  # nor any model run
+    data = shutil.copytree(raw_photos, tmp_path / "data")
+    (data / "eval" / "images" / "raw1.png").write_bytes(b"not a photo")
+    with pytest.raises(DataError, match="raw1.png: unreadable image"):
+        run_command(predict, "--checkpoint", crop_checkpoint, "--data", data, "--out", tmp_path / "sub.csv")
+    assert not (tmp_path / "sub.csv").exists()
+
+
 def test_refuse_uncropped_keeps_the_old_check(raw_photos, crop_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(face_crop, "FaceDetector", None)  # NOTE: nothing may be cropped, or detected, here
     with pytest.raises(ConfigError, match="holds uncropped photos.*crop_faces"):
