@@ -54,6 +54,15 @@ def macro_f1(y_true, y_pred) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
+def truth_labels(truth: dict, schema) -> tuple:
+    """(mask, gender, age_group) arrays of truth {'mask', 'gender', 'age_group' or 'age_years'/'age' in years}."""
+    mask, gender = np.asarray(truth["mask"]), np.asarray(truth["gender"])
+    if "age_group" in truth:
+        return mask, gender, np.asarray(truth["age_group"])
+    years = truth.get("age_years", truth.get("age"))
+    return mask, gender, labels.as_schema(schema).group(np.asarray(years))
+
+
 def score(probs: dict, truth: dict, schema, pred=None) -> dict:
     """Validation metrics from numpy probabilities and truth {'mask', 'gender', 'age_group', 'age_years'}.
 
@@ -64,9 +73,8 @@ def score(probs: dict, truth: dict, schema, pred=None) -> dict:
     answers when they do not come from recombining probs (a hard-voting ensemble).
     """
     schema = labels.as_schema(schema)
-    mask, gender = np.asarray(truth["mask"]), np.asarray(truth["gender"])
+    mask, gender, age_grp = truth_labels(truth, schema)
     years = truth.get("age_years", truth.get("age"))
-    age_grp = np.asarray(truth["age_group"]) if "age_group" in truth else schema.group(np.asarray(years))
     pred = predict_classes(probs) if pred is None else np.asarray(pred)
     pm, pg, pa = labels.decode(pred)
     true_joint = labels.encode(mask, gender, age_grp)

@@ -4,15 +4,17 @@ Run as `python -m tests.fault_runner` from the checkout. It imports torch, timm 
 cores, which a fresh interpreter per kill would pay again), prints {"ready": true}, then reads one JSON
 command per line on stdin:
 
-    {"argv": [...], "log": PATH, "out": FOLDER, "kill_write": [NAME, N, "before" | "after"], "kill_step": N}
+    {"argv": [...], "log": PATH, "out": FOLDER, "kill_write": [NAME, N, "before" | "after"], "kill_step": N,
+     "kill_item": N}
 
 and forks a child that runs `train_multitask.main(argv)` under `main_guard`, exactly what `python
 train_multitask.py ARGV` runs (user errors exit 2), with stdout and stderr in LOG. It replies
 {"pid": PID} at once and {"pid": PID, "status": S} when the child ends (S: exit code, or minus the
 signal). `kill_write` makes the child SIGKILL itself at its N-th atomic rename onto FOLDER/NAME:
 "before" (the temporary file is written in full but not renamed) or "after" (renamed, the next
-write not begun); `kill_step` at its N-th optimizer step. The test kills at random wall-clock
-moments from outside with the PID.
+write not begun); `kill_step` at its N-th optimizer step; `kill_item` as it reads its N-th photo
+(FaceDataset.__getitem__, training or validation: with --workers 0 the photos are read in this
+process), a moment anywhere in an epoch's training or validation that no clock decides.
 """
 import json
 import os
@@ -36,7 +38,7 @@ def kill_self():
 
 
 def install_faults(cmd):
-    """The child's kill points: an atomic rename onto out/NAME (the N-th), or the N-th optimizer step."""
+    """The child's kill points: an atomic rename onto out/NAME (the N-th), the N-th optimizer step, the N-th photo."""
     out = os.path.abspath(cmd["out"])
     if cmd.get("kill_write"):
         name, nth, phase = cmd["kill_write"]
@@ -62,6 +64,16 @@ def install_faults(cmd):
             if steps[0] == cmd["kill_step"]:
                 kill_self()
         register_optimizer_step_post_hook(after_step)
+    if cmd.get("kill_item"):
+        from mtl.dataset import FaceDataset
+        real_getitem, items = FaceDataset.__getitem__, [0]
+
+        def getitem(self, i):
+            items[0] += 1
+            if items[0] == cmd["kill_item"]:
+                kill_self()
+            return real_getitem(self, i)
+        FaceDataset.__getitem__ = getitem
 
 
 def child(cmd):

@@ -6,7 +6,9 @@ tests/fault_runner.py, a warm parent holding torch and timm, and each runs train
 command line does: a fresh interpreter per kill would cost ~10 s of imports on 2 cores. Kill points:
 before and after the rename of each file a run writes (config.yaml, last.pt, best.pt, metrics.json;
 both in an epoch's writes and in the repair a resumed run makes), at seeded random optimizer steps,
-and at seeded random wall-clock moments from outside. After each kill the run is continued the way
+and as a seeded random photo of an epoch is read (mid-batch, mid-validation). Every kill point is an
+event the process reaches whatever the machine's speed, so the plan's kills all land, on a busy
+machine or a quiet one. After each kill the run is continued the way
 a user would: `--resume OUT/last.pt`, or, when no last.pt was written yet, the same command again
 (after deleting the folder, which the command refuses to reuse). Run alone with `pytest -m faults`.
 """
@@ -57,14 +59,12 @@ class Runner:
         assert line, f"fault_runner.py ended (rc {self.proc.wait()})"
         return json.loads(line)
 
-    def run(self, argv, log, out, kill_write=None, kill_step=None, kill_after=None) -> int:
+    def run(self, argv, log, out, kill_write=None, kill_step=None, kill_item=None) -> int:
         cmd = {"argv": [str(a) for a in argv], "log": str(log), "out": str(out), "kill_write": kill_write,
-               "kill_step": kill_step}
+               "kill_step": kill_step, "kill_item": kill_item}
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
-        pid = self.reply()["pid"]
-        if kill_after is not None and not select.select([self.proc.stdout], [], [], kill_after)[0]:
-            os.kill(pid, signal.SIGKILL)
+        self.reply()  # {"pid": ...}
         return self.reply()["status"]
 
     def close(self):
@@ -137,13 +137,16 @@ def test_kills_at_any_moment_lose_nothing(fault_data, tmp_path):
         assert reference.returncode == 0, reference.stderr[-3000:]
         improving = {int(m) for m in re.findall(r"^epoch (\d+)/\d+ .*\*best$", reference.stdout, re.M)}
         assert 1 in improving and len(improving) >= 2, reference.stdout
+        # NOTE: the photos an epoch reads: full training batches (the last partial one is dropped), then validation
+        val_photos = int(re.search(r" (\d+) val photos", reference.stdout).group(1))
+        photos_per_epoch = STEPS_PER_EPOCH * 32 + val_photos
         assert runner.reply()["ready"]
 
         rng = random.Random(SEED)
         plan = [("config.yaml", "before"), ("last.pt", "before"), ("last.pt", "after"),
                 ("best.pt", "before"), ("best.pt", "after"), ("metrics.json", "before"), ("metrics.json", "after"),
-                "step", ("best.pt", "before"), ("metrics.json", "before"), "clock", ("last.pt", "before"),
-                "step", ("last.pt", "after"), "clock", ("metrics.json", "after"), "clock"]
+                "step", ("best.pt", "before"), ("metrics.json", "before"), "photo", ("last.pt", "before"),
+                "step", ("last.pt", "after"), "photo", ("metrics.json", "after"), "photo"]
         kills, hit, logs, finished = 0, set(), [], False
 
         def start(**kill):
@@ -161,10 +164,15 @@ def test_kills_at_any_moment_lose_nothing(fault_data, tmp_path):
                     assert status == 2 and "no last.pt to resume" in log.read_text(), log.read_text()
                     shutil.rmtree(out)
             writes = planned_writes(out, improving)
-            if item == "step":
-                status, log = start(kill_step=rng.randint(1, 2 * STEPS_PER_EPOCH))
-            elif item == "clock":
-                status, log = start(kill_after=rng.uniform(0.5, 4.0))
+            left = EPOCHS - (epoch_of(out / "last.pt") or 0)  # NOTE: epochs this process will train
+            if item in ("step", "photo") and not left:
+                continue  # only the repair writes are left: no step or photo to kill at
+            if item == "step":  # NOTE: within the epochs this process trains, so it always lands
+                status, log = start(kill_step=rng.randint(1, min(2, left) * STEPS_PER_EPOCH))
+                assert status == -signal.SIGKILL, log.read_text()
+            elif item == "photo":  # NOTE: within the first epoch this process trains, so it always lands
+                status, log = start(kill_item=rng.randint(1, photos_per_epoch))
+                assert status == -signal.SIGKILL, log.read_text()
             else:
                 name, phase = item
                 names = [w[0] for w in writes]

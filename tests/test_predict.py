@@ -36,10 +36,26 @@ def single(ckpts, synthetic_data, cache_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ensemble(ckpts, synthetic_data, cache_dir, tmp_path_factory):
-    """best.pt and last.pt through a glob, soft, probabilities saved."""
+def pair(ckpts, tmp_path_factory):
+    """Two members that disagree by construction: a.pt is best.pt; b.pt is best.pt with its mask head's 'wear' and
+    'incorrect' rows swapped and halved, so it answers every photo a.pt calls worn or incorrectly worn the other way
+    round, less sure than a.pt (no exact ties in the soft mean), and agrees on bare faces. (A trained run's last.pt
+    may equal its best.pt: it cannot be the second member.)"""
+    folder = tmp_path_factory.mktemp("pair")
+    shutil.copy(ckpts[0], folder / "a.pt")
+    swapped = checkpoint.load(ckpts[0])
+    swapped.pop("path", None)
+    for name in ("heads.mask.fc.weight", "heads.mask.fc.bias"):
+        swapped["model"][name] = swapped["model"][name][[1, 0, 2]] * 0.5
+    checkpoint.save(swapped, folder / "b.pt")
+    return folder / "a.pt", folder / "b.pt"
+
+
+@pytest.fixture(scope="module")
+def ensemble(pair, synthetic_data, cache_dir, tmp_path_factory):
+    """The two members of `pair` through a glob, soft, probabilities saved."""
     out = tmp_path_factory.mktemp("ensemble")
-    result = run_predict("--checkpoint", str(ckpts[0].parent / "*.pt"), "--data", synthetic_data, "--out",
+    result = run_predict("--checkpoint", str(pair[0].parent / "*.pt"), "--data", synthetic_data, "--out",
                          out / "soft.csv", "--save-probs", out / "probs.csv", cache_dir=cache_dir)
     return {**result, "dir": out}
 
@@ -102,9 +118,9 @@ def test_probabilities_are_saved_and_redo_the_submission(single, tmp_path):
 
 
 # ---------------------------------------------------------------- ensembles
-def test_soft_ensemble_averages_each_head(ensemble, single, ckpts):
+def test_soft_ensemble_averages_each_head(ensemble, single, pair):
     members = ensemble["member_probs"]
-    assert [m["path"] for m in ensemble["members"]] == [str(ckpts[0]), str(ckpts[1])]  # the glob, sorted
+    assert [m["path"] for m in ensemble["members"]] == [str(pair[0]), str(pair[1])]  # the glob, sorted
     assert np.allclose(members[0]["mask"], single["member_probs"][0]["mask"], atol=1e-6)
     mean = {k: (members[0][k] + members[1][k]) / 2 for k in ("mask", "gender", "age")}
     expected = np.asarray(recombine(mean)).argmax(1)
@@ -112,10 +128,10 @@ def test_soft_ensemble_averages_each_head(ensemble, single, ckpts):
     sub = pd.read_csv(ensemble["dir"] / "soft.csv")
     assert np.array_equal(sub["ans"].to_numpy(), expected)
     saved = pd.read_csv(ensemble["dir"] / "probs.csv")
-    assert len(saved) == 2 * len(sub) and saved["checkpoint"].unique().tolist() == [str(c) for c in ckpts]
+    assert len(saved) == 2 * len(sub) and saved["checkpoint"].unique().tolist() == [str(c) for c in pair]
 
 
-def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, ckpts, synthetic_data, cache_dir, tmp_path):
+def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, pair, synthetic_data, cache_dir, tmp_path):
     probs = ensemble["dir"] / "probs.csv"
     a, b = (predict_classes(p) for p in ensemble["member_probs"])
     hard = run_predict("--from-probs", probs, "--ensemble", "hard", "--out", tmp_path / "hard.csv")["result"].pred
@@ -124,10 +140,10 @@ def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, ckpts, synthetic_data
     assert np.array_equal(hard[a == b], a[a == b])
     # two equal votes: a tie between the two answers, won by the one the soft ensemble finds likelier
     assert np.array_equal(hard, np.where(soft[rows, a] >= soft[rows, b], a, b))
-    assert (a != b).any(), "best.pt and last.pt should disagree somewhere for this test to mean anything"
+    assert (a != b).any() and (a == b).any(), "the pair agrees on bare faces and disagrees on masked ones"
     voted = combine(ensemble["member_probs"], method="hard")
     assert np.array_equal(voted.pred, hard)
-    run_predict("--checkpoint", *ckpts, "--data", synthetic_data, "--ensemble", "hard", "--out",
+    run_predict("--checkpoint", *pair, "--data", synthetic_data, "--ensemble", "hard", "--out",
                 tmp_path / "direct.csv", cache_dir=cache_dir)
     assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "hard.csv").read_bytes()
     weighted = run_predict("--from-probs", probs, "--ensemble", "hard", "--weights", "1", "3", "--out",

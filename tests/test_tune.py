@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 import pytest
@@ -77,8 +78,9 @@ def trials_csv(out):
     return pd.read_csv(Path(out) / "trials.csv")
 
 
-def scripted_train(fail_on=(), interrupt_on=()):
-    """A stand-in for mtl.train.train (see the module docstring); trials in fail_on get a NaN loss at epoch 2."""
+def scripted_train(fail_on=(), interrupt_on=(), same_f1=False):
+    """A stand-in for mtl.train.train (see the module docstring); trials in fail_on get a NaN loss at epoch 2; with
+    same_f1 every trial reports the F1 curve of trial 0."""
     def train(cfg, on_epoch=None, log=print, log_hparams=True):
         n = int(Path(cfg.out).name)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,7 @@ def scripted_train(fail_on=(), interrupt_on=()):
                 raise TrainingError(f"loss became nan at epoch {epoch}, step 7 (batch 3); try a lower --lr")
             if n in interrupt_on:
                 raise KeyboardInterrupt
-            f1s.append(0.9 - 0.1 * n + 0.01 * epoch)
+            f1s.append(0.9 - 0.1 * (0 if same_f1 else n) + 0.01 * epoch)
             on_epoch(epoch, {"f1": f1s[-1]})
         return {"out": cfg.out, "best_f1": max(f1s), "best_epoch": len(f1s), "metrics": {"f1": max(f1s)},
                 "epochs_run": len(f1s)}
@@ -114,8 +116,9 @@ def test_study_writes_every_output(real_study):
     weights = table["loss_weights"].map(yaml.safe_load)
     assert all(abs(sum(w) - 3) < 1e-3 for w in weights), weights  # normalized: only the ratios are searched
     assert table["lr"].between(1e-3, 1e-2).all()
-    for name in ("study.db", "best.yaml", "history.png", "importances.png", "base_config.yaml", "search_space.yaml"):
+    for name in ("study.db", "best.yaml", "history.png", "base_config.yaml", "search_space.yaml"):
         assert (real_study / name).stat().st_size > 0, name
+    # NOTE: importances.png needs trials whose F1 differ, which four 1-epoch trials need not give: tested below
     for n in range(4):  # each trial's own run: config, best weights and TensorBoard logs (hparams included)
         run = real_study / "trials" / str(n)
         assert (run / "config.yaml").is_file() and (run / "best.pt").is_file() and not (run / "last.pt").exists()
@@ -224,6 +227,20 @@ def test_rerun_continues_and_stops_at_trials(args, tmp_path, monkeypatch, capsys
     assert run_tune(args(out, "--trials", 5, "--epochs", 2, "--pruner", "none")) == 0  # only the difference
     table = trials_csv(out)
     assert list(table["number"]) == [0, 1, 2, 3, 4] and set(table["state"]) == {"COMPLETE"}
+
+
+@pytest.mark.slow
+def test_importances_are_drawn_when_trials_differ_and_the_log_says_why_not(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mtl.train, "train", scripted_train())  # trials score 0.92, 0.82, 0.72: F1s that differ
+    assert run_tune(args(tmp_path / "differ", "--trials", 3, "--epochs", 2, "--pruner", "none")) == 0
+    png = tmp_path / "differ" / "importances.png"
+    assert png.stat().st_size > 0 and plt.imread(png).shape[2] in (3, 4)
+    assert "no importances.png" not in capsys.readouterr().out
+    monkeypatch.setattr(mtl.train, "train", scripted_train(same_f1=True))
+    assert run_tune(args(tmp_path / "same", "--trials", 3, "--epochs", 2, "--pruner", "none")) == 0
+    assert not (tmp_path / "same" / "importances.png").exists() and (tmp_path / "same" / "history.png").is_file()
+    assert "no importances.png yet: all 3 complete trials scored the same 18-class F1 (0.9200)" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.slow

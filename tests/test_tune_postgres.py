@@ -4,7 +4,8 @@ The test starts a throwaway cluster of its own (initdb into a temp dir, as an un
 root; listening only on 127.0.0.1 on a free port, its unix socket in the temp dir; password authentication,
 so the URL carries a password that must never be printed) and stops it at the end, even on failure. Two
 tune.py processes start at the same moment on the fresh database; one is killed with SIGKILL in the middle
-of a trial; the other's Optuna heartbeat finds the dead trial and runs it again; the killed one is started
+of a trial (the test orders the events: the other is paused meanwhile, so neither machine's speed decides who
+runs what); the other's Optuna heartbeat finds the dead trial and runs it again; the killed one is started
 again (in the test's own process, which saves an interpreter start). It skips only where no PostgreSQL
 server binary is installed (.ci/run installs Debian's postgresql).
 """
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -139,26 +141,57 @@ def wait_for(condition, what, timeout=300):
         time.sleep(0.2)
 
 
+def running_trial_of(study, pid):
+    """The number of the trial process `pid` is running, per the study's storage (its worker record), or None."""
+    from optuna.trial import TrialState
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if isinstance(worker, dict) and worker.get("pid") == pid and worker.get("trial") == t.number:
+            return t.number
+    return None
+
+
 @pytest.mark.slow
 def test_two_machines_share_a_study_on_postgresql_and_one_dies(postgres, files, tmp_path):
     storage = postgres("study")
     outs = {name: tmp_path / name for name in ("a", "b")}
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("a", "b")}  # noqa: SIM115
-    procs = {}
+    procs, paused = {}, False
     try:
         procs = {name: start(files, storage, outs[name], logs[name]) for name in ("a", "b")}  # at the same moment
-        # B is in the middle of a trial once the trial's run folder has its config.yaml (training has begun)
-        wait_for(lambda: list(outs["b"].glob("trials/*/config.yaml")) or procs["b"].poll() is not None, "B's trial")
-        assert procs["b"].poll() is None, (tmp_path / "b.log").read_text()[-3000:]
-        killed = int(next(outs["b"].glob("trials/*/config.yaml")).parent.name)
+        # NOTE: the order of events is set by the test, not by the machine's speed: A is paused in its first trial
+        # (so it cannot run the whole study before B starts one, nor end before B's trial goes stale), B is frozen
+        # while the storage shows it running a trial, then killed; A goes on once that trial's heartbeat is stale
+        wait_for(lambda: list(outs["a"].glob("trials/*/config.yaml")) or procs["a"].poll() is not None, "A's trial")
+        assert procs["a"].poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+        procs["a"].send_signal(signal.SIGSTOP)
+        paused = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # NOTE: the machines' heartbeat settings, to read staleness as they judge it (this process fails nothing)
+            watcher = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=3)
+        study = optuna.load_study(study_name="mtl", storage=watcher)
+        killed = None
+        while killed is None:
+            wait_for(lambda: running_trial_of(study, procs["b"].pid) is not None or procs["b"].poll() is not None,
+                     "B's trial")
+            assert procs["b"].poll() is None, (tmp_path / "b.log").read_text()[-3000:]
+            procs["b"].send_signal(signal.SIGSTOP)
+            killed = running_trial_of(study, procs["b"].pid)  # None: B finished that trial just before it froze
+            if killed is None:
+                procs["b"].send_signal(signal.SIGCONT)
         procs["b"].send_signal(signal.SIGKILL)
         procs["b"].wait()
-        study = optuna.load_study(study_name="mtl", storage=storage)
 
         def state(number):
             return next(t for t in study.get_trials(deepcopy=False) if t.number == number).state.name
 
-        # B stays dead until A finds its trial stale (no heartbeat for 3 s) or A ends; A has trials left to run
+        # B's trial goes stale (no heartbeat for --heartbeat-grace 3 s) as Optuna's storage judges it
+        killed_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == killed)
+        wait_for(lambda: killed_id in study._storage._get_stale_trial_ids(study._study_id), "B's trial to go stale")
+        procs["a"].send_signal(signal.SIGCONT)
+        paused = False
+        # A fails the dead trial at its next heartbeat check: the next trial it starts, or before it ends
         wait_for(lambda: state(killed) != "RUNNING" or procs["a"].poll() is not None, "A to fail the dead trial")
         assert state(killed) == "FAIL", "A's heartbeat check should have failed the trial of the killed process"
         # B started again: here, in this process, while A runs on
@@ -168,6 +201,8 @@ def test_two_machines_share_a_study_on_postgresql_and_one_dies(postgres, files, 
     finally:
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
+                if paused:
+                    proc.send_signal(signal.SIGCONT)
                 proc.kill()
         for log in logs.values():
             log.close()

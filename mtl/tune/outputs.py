@@ -126,8 +126,19 @@ def write_best_yaml(best, settings: TuneSettings) -> Path:
     return atomic_write_text(header + config.dump(cfg), path)
 
 
+def importances_missing(complete) -> str | None:
+    """Why fANOVA cannot rank the searched values from these complete trials yet (None: it can)."""
+    varying = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
+    if len(complete) < 2 or not varying:
+        return f"it needs 2 complete trials with different searched values ({len(complete)} complete so far)"
+    if len({t.value for t in complete}) == 1:  # NOTE: fANOVA finds zero variance to explain and raises
+        return (f"all {len(complete)} complete trials scored the same 18-class F1 ({complete[0].value:.4f}), so no "
+                f"searched value explains a difference; more epochs or trials give it one")
+    return None
+
+
 def write_plots(study, settings: TuneSettings, log=print) -> list:
-    """history.png (F1 by trial) and importances.png (fANOVA); importances need 2 complete trials that differ."""
+    """history.png (F1 by trial) and importances.png (fANOVA); the log says why importances.png is not written."""
     import matplotlib.pyplot as plt
     import optuna
     from optuna.trial import TrialState
@@ -144,9 +155,9 @@ def write_plots(study, settings: TuneSettings, log=print) -> list:
         ax.legend(loc="best")  # NOTE: Optuna puts it outside the axes, where savefig clips it
         ax.figure.tight_layout()
         written.append(save_png(ax.figure, out / "history.png"))
-        varying = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
-        if len(complete) < 2 or not varying:
-            log("no importances.png yet: it needs 2 complete trials with different values")
+        why = importances_missing(complete)
+        if why:
+            log(f"no importances.png yet: {why}")
             return written
         try:
             ax = optuna_plots.plot_param_importances(study, target_name="18-class macro F1")
