@@ -48,6 +48,10 @@ mean +- sd over seeds, and its paired difference from `baseline` (same seed, sam
 per-seed differences, flagged `~` (within noise) when |mean difference| <= max(sd of the differences, the
 baseline's sd over seeds).
 
+Cost on 2 CPU cores: preparing takes ~3.5 min once; one run at the default budget 5.7-7.8 min on a machine
+shared with other jobs (16-47 training img/s), about 4.3 min idle, so all 78 runs take ~5.6 h alone on the
+machine. --work keeps every finished run, so it can be done in sittings (e.g. --seeds 0 1, then --seeds 2).
+
     python -m bench.recipe --work /tmp/recipe                          # everything: 26 variants x 3 seeds, CPU
     python -m bench.recipe --work /tmp/recipe --variants baseline defaults
     python -m bench.recipe --full --work /data/recipe                  # GPU budget
@@ -377,7 +381,7 @@ def score_run(name: str, seed: int, budget: Budget, prepared: Prepared, work: Pa
     kept = ("train_min", "best_epoch", "val_f1_at_own_threshold")
     row = {"variant": name, "seed": seed, **{k: facts[k] for k in kept},
            "val_f1": figures("val", probs["val"], truths["val"])["val_f1"]}
-    calibrated = calibrate(probs, truths["val"], schema)
+    calibrated, row["calibration"] = calibrate(probs, truths["val"], schema)
     for suffix, these in (("", probs), ("_cal", calibrated)):
         if these is None:
             continue
@@ -390,14 +394,15 @@ def score_run(name: str, seed: int, budget: Budget, prepared: Prepared, work: Pa
     return row
 
 
-def calibrate(probs: dict, val_truth: dict, schema) -> dict | None:
-    """Every set's probabilities with calibration offsets fitted on the val people (None without mtl.calibration)."""
+def calibrate(probs: dict, val_truth: dict, schema) -> tuple[dict | None, dict | None]:
+    """(every set's probabilities with offsets fitted on the val people, the fitted record); Nones without
+    mtl.calibration."""
     try:
         from mtl import calibration
     except ImportError:
-        return None
+        return None, None
     fitted = calibration.fit(probs["val"], val_truth, schema)
-    return {where: calibration.apply(p, fitted) for where, p in probs.items()}
+    return {where: calibration.apply(p, fitted) for where, p in probs.items()}, fitted.to_dict()
 
 
 def figures(where: str, probs: dict, truth: dict | None, facemask=None) -> dict:
@@ -583,8 +588,11 @@ def main(argv=None):
         rows.append(row)
         done += 1
         spent.append(time.time() - started)
-        print(f"    done in {minutes(spent[-1])}: eval F1 {row['eval_f1']:.3f}, cross {row['cross']:.3f}"
-              + (f", cross cal {row['cross_cal']:.3f}" if row["calibrated"] else ", no calibration"), flush=True)
+        cal = row["calibration"]
+        calibrated = (f"; calibrated: eval F1 {row['eval_f1_cal']:.3f}, cross {row['cross_cal']:.3f} (val F1 "
+                      f"{cal['f1_before']:.3f} -> {cal['f1_after']:.3f} where fitted)") if cal else "; no calibration"
+        print(f"    done in {minutes(spent[-1])}: eval F1 {row['eval_f1']:.3f}, cross {row['cross']:.3f}{calibrated}",
+              flush=True)
     summary, differences = summarize(rows, args.variants)
     report = tables(summary, differences)
     print("\n" + report)
