@@ -234,7 +234,7 @@ class Prepared:
 
 
 def check_work(work: Path, settings: dict):
-    """Record what the work folder was prepared with; a rerun with other data settings is one line naming them."""
+    """Record the budget a work folder's data and kept results were made with; a rerun with another is one line."""
     from mtl.io import atomic_write_text
     record = work / "prepared.json"
     if record.is_file():
@@ -257,7 +257,8 @@ def prepare(work: Path, budget: Budget, real_masks: bool, log=print) -> Prepared
     from mtl import data as data_io
     from mtl.io import atomic_write_text
     check_work(work, {"people": budget.people, "eval_people": budget.eval_people, "chips": budget.chips,
-                      "proxy_seed": PROXY_SEED, "crop_size": budget.crop_size})
+                      "proxy_seed": PROXY_SEED, "crop_size": budget.crop_size, "img_size": budget.img_size,
+                      "epochs": budget.epochs, "batch_size": budget.batch_size})  # NOTE: kept results mean these
     proxy_done = work / "proxy.done"
     if not proxy_done.is_file():
         for partial in ("proxy", "faces_train", "faces_eval", "faces_held_out"):

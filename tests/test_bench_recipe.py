@@ -106,3 +106,14 @@ def test_other_collection_figures_and_the_true_age_boundary():
     assert chips["chips_gender_acc"] == 1.0 and chips["chips_not_wear"] == 0.5
     assert chips["chips_age_f1"] == pytest.approx(recipe.figures("eval", probs, truth)["eval_age_f1"])
     assert chips["chips_age_f1"] < 1.0
+
+
+def test_a_work_folder_refuses_another_budget_so_kept_results_keep_their_meaning(tmp_path):
+    settings = {"people": 400, "eval_people": 100, "chips": 300, "proxy_seed": 0, "crop_size": [128, 128],
+                "img_size": [112, 112], "epochs": 4, "batch_size": None}
+    recipe.check_work(tmp_path / "work", settings)
+    recipe.check_work(tmp_path / "work", dict(settings))  # the same budget: fine
+    with pytest.raises(SystemExit) as exit_:
+        recipe.check_work(tmp_path / "work", {**settings, "epochs": 3})
+    assert str(exit_.value) == (f"error: --work {tmp_path / 'work'} was prepared with --epochs 4 (now 3); pass the "
+                                f"same budget or choose another --work")
