@@ -379,6 +379,7 @@ def score_run(name: str, seed: int, budget: Budget, prepared: Prepared, work: Pa
     for where, samples in tables.items():
         probs[where], schema = predict_on(out / "best.pt", samples, str(work / "cache"), budget.workers, budget.device)
     truths = {"val": truth_of(val), "eval": prepared.eval_truth, "chips": prepared.chips_truth}
+    keep_probs(out / "probs.npz", probs, truths["val"], val["person_id"].to_numpy())
     kept = ("train_min", "best_epoch", "val_f1_at_own_threshold")
     row = {"variant": name, "seed": seed, **{k: facts[k] for k in kept},
            "val_f1": figures("val", probs["val"], truths["val"])["val_f1"]}
@@ -393,6 +394,19 @@ def score_run(name: str, seed: int, budget: Budget, prepared: Prepared, work: Pa
     row["calibrated"] = calibrated is not None
     row["facemask_unseen"] = name not in NOT_UNSEEN
     return row
+
+
+def keep_probs(path: Path, probs: dict, val_truth: dict, val_people) -> None:
+    """Every set's raw probabilities, the val truth and val people, beside best.pt: calibration methods can be
+    compared on them later without predicting again."""
+    import numpy as np
+
+    from mtl.io import atomic_path
+    arrays = {f"{where}/{k}": np.asarray(v) for where, p in probs.items() for k, v in p.items()}
+    arrays.update({f"val_truth/{k}": np.asarray(v) for k, v in val_truth.items()})
+    arrays["val_people"] = np.asarray(val_people).astype(str)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def calibrate(probs: dict, val_truth: dict, schema) -> tuple[dict | None, dict | None]:
