@@ -100,6 +100,8 @@ class TrainConfig:
     head_dropout: float = setting(MODEL, "dropout before each head")
     drop_path_rate: float = setting(MODEL, "stochastic depth of the trunk")
     age_reg_weight: float = setting(MODEL, "weight of the auxiliary age regression (0 = off)")
+    freeze_blocks: int = setting(MODEL, "keep the trunk's stem and its first N block groups (timm's group_matcher) "
+                                        "at their pretrained weights, BatchNorm statistics too (0 = off)")
     # losses
     losses: dict = setting(LOSSES, "{task} loss, e.g. focal:gamma=2,class_weights=balanced",
                            metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
@@ -111,6 +113,8 @@ class TrainConfig:
     batch_size: int = setting(OPTIMISATION)
     lr: float = setting(OPTIMISATION, "peak learning rate (AdamW)")
     weight_decay: float = setting(OPTIMISATION)
+    layer_decay: float = setting(OPTIMISATION, "layer-wise lr decay: each trunk block group learns at this times the "
+                                               "next one's rate, the last at --lr (1 = off)")
     warmup_epochs: float = setting(OPTIMISATION)
     eta_min: float = setting(OPTIMISATION, "learning rate at the end of the cosine schedule")
     grad_clip: float = setting(OPTIMISATION, "gradient norm clip (0 = off)")
@@ -357,8 +361,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _positive(cfg, name)
     for name in ("weight_decay", "eta_min", "grad_clip", "warmup_epochs", "age_reg_weight", "ema", "mixup",
                  "cutmix", "mix_prob", "patience", "head_dropout", "drop_path_rate", "log_images", "workers",
-                 "oversample_old"):
+                 "oversample_old", "freeze_blocks"):
         _positive(cfg, name, allow_zero=True)
+    if not 0 < cfg.layer_decay <= 1:
+        raise ConfigError(f"--layer-decay must be above 0 and at most 1 (1 = off), got {cfg.layer_decay!r}")
+    if cfg.freeze_blocks and not cfg.pretrained:
+        raise ConfigError(f"--freeze-blocks {cfg.freeze_blocks} keeps pretrained weights, and with --no-pretrained "
+                          f"there are none: give --pretrained-file or drop --freeze-blocks")
     if cfg.ema >= 1 or cfg.mix_prob > 1 or cfg.head_dropout >= 1:
         raise ConfigError("--ema and --head-dropout must be below 1 and --mix-prob at most 1")
     from mtl.splits import check_fold

@@ -35,7 +35,7 @@ from mtl.io import WriteError, atomic_copy, atomic_write_text, os_error, prepare
 from mtl.loader import make_loader
 from mtl.losses import build_loss, class_counts
 from mtl.metrics import score
-from mtl.model import model_from_config, normalization, unwrap
+from mtl.model import model_from_config, normalization, trunk_groups, unwrap
 from mtl.transforms import eval_transform, make_preprocess, train_transform
 
 TARGET_KEYS = ("mask", "gender", "age_group", "age_years")
@@ -190,17 +190,38 @@ def lr_factor(step: int, total: int, warmup: int, eta_ratio: float) -> float:
     return eta_ratio + (1 - eta_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model, loss_module, weight_decay):
-    """AdamW groups: no weight decay on biases, norms and learned loss weights."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def lr_scales(model, layer_decay: float) -> dict:
+    """{parameter name: its lr multiplier}: each trunk's last group 1, every earlier group `layer_decay` times the next
+    (timm's layer-wise decay over model.trunk_groups); heads and anything outside a trunk 1."""
+    scales = {}
+    if layer_decay == 1:
+        return scales
+    for t, trunk in enumerate(model.trunks):
+        group_of = trunk_groups(trunk.backbone)
+        last = max(group_of.values())
+        scales.update({f"trunks.{t}.backbone.{name}": layer_decay ** (last - group)
+                       for name, group in group_of.items()})
+    return scales
+
+
+def param_groups(model, loss_module, weight_decay, lr=None, layer_decay=1.0):
+    """AdamW groups: no weight decay on biases, norms and learned loss weights; frozen parameters left out.
+
+    The first two groups (with and without weight decay) train at lr; with layer_decay < 1 each earlier trunk group
+    gets its own pair at lr * its scale (lr_scales). The schedule multiplies every group's lr by the same factor.
+    """
+    scales = lr_scales(model, layer_decay)
+    groups = {(1.0, True): [], (1.0, False): []}  # NOTE: without layer decay exactly the two groups of every release
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((scales.get(name, 1.0), p.ndim > 1), []).append(p)
+    out = [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+            **({"lr": lr * scale} if lr is not None else {})}
+           for (scale, decays), params in sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1]))]
     extra = [p for p in loss_module.parameters() if p.requires_grad]
     if extra:
-        groups.append({"params": extra, "weight_decay": 0.0})
-    return groups
+        out.append({"params": extra, "weight_decay": 0.0})
+    return out
 
 
 def balanced_sampler(dataset: FaceDataset, num_samples, generator):
@@ -425,7 +446,7 @@ def build_run(cfg: TrainConfig, resume, out: Path, rank: int, world: int, device
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg.weight_decay, cfg.lr, cfg.layer_decay), lr=cfg.lr)
     batches = math.ceil(len(train_set) / (cfg.batch_size * world))
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
