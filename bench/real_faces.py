@@ -48,21 +48,43 @@ WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"
 BUILD_PROXY = SHARED / "tools" / "build_proxy.py"
 
 
-def build_proxy(work: Path, train_people: int, eval_people: int, seed: int) -> Path:
-    """A proxy data set of randomly drawn UTKFace people: train/ from some, eval/ (+ eval_truth.csv) from others."""
+def require_shared():
+    """Stop with one line unless ../shared holds what the real-face benchmarks read."""
+    for needed in (UTKFACE, FACEMASK, WEIGHTS, BUILD_PROXY):
+        if not needed.exists():
+            sys.exit(f"error: {needed} not found: this benchmark reads ../shared (real faces, weights)")
+
+
+def build_proxy(work: Path, train_people: int, eval_people: int, seed: int, held_out: int = 0) -> Path:
+    """A proxy data set of randomly drawn UTKFace people: train/ from some, eval/ (+ eval_truth.csv) from others.
+
+    held_out further people (no proxy made of them) are linked into work/faces_held_out for other uses.
+    """
     files = sorted(p for p in UTKFACE.iterdir() if p.name.endswith(".jpg") or p.name.endswith(".chip.jpg"))
     random.Random(seed).shuffle(files)
-    total = min(len(files), train_people + eval_people)
-    picks = {"train": files[: total - eval_people], "eval": files[total - eval_people: total]}
+    total = min(len(files) - held_out, train_people + eval_people)
+    picks = {"train": files[: total - eval_people], "eval": files[total - eval_people: total],
+             "held_out": files[total: total + held_out]}
     data = work / "proxy"
     for mode, chosen in picks.items():
+        if not chosen and mode == "held_out":
+            continue
         faces = work / f"faces_{mode}"
         faces.mkdir(parents=True, exist_ok=True)
         for p in chosen:
             (faces / p.name).symlink_to(p)
-        subprocess.run([sys.executable, str(BUILD_PROXY), str(faces), str(data), "--mode", mode, "--seed", str(seed)],
-                       check=True)
+        if mode != "held_out":
+            subprocess.run([sys.executable, str(BUILD_PROXY), str(faces), str(data), "--mode", mode, "--seed",
+                            str(seed)], check=True)
     return data
+
+
+def eval_truth(data: Path, samples) -> dict:
+    """The true labels of the proxy's eval photos (eval_truth.csv), in the sample table's order, as score takes them."""
+    import pandas as pd
+    truth = pd.read_csv(data / "eval_truth.csv").set_index("ImageID").loc[samples["person_id"]]
+    return {"mask": truth["mask"].to_numpy(), "gender": truth["gender"].to_numpy(),
+            "age_years": truth["age"].to_numpy()}
 
 
 def facemask_samples(half: str):
@@ -130,17 +152,14 @@ def train_variant(name, options, args, data, work) -> dict:
 def score_variant(row, args, data) -> dict:
     """The row plus the eval-people and real-masks scores of the variant's best checkpoint."""
     import numpy as np
-    import pandas as pd
     from sklearn.metrics import accuracy_score, f1_score
 
     from mtl import data as data_io
     from mtl.metrics import score
     row, best = dict(row), row["best"]
     _, eval_samples = data_io.eval_samples(data)
-    truth = pd.read_csv(data / "eval_truth.csv").set_index("ImageID").loc[eval_samples["person_id"]]
     probs, schema = predict_on(best, eval_samples, row["cache_dir"], args.workers, args.device)
-    eval_metrics = score(probs, {"mask": truth["mask"].to_numpy(), "gender": truth["gender"].to_numpy(),
-                                 "age_years": truth["age"].to_numpy()}, schema)
+    eval_metrics = score(probs, eval_truth(data, eval_samples), schema)
     row.update({f"eval_{k}": eval_metrics[k] for k in ("f1", "acc", "mask_f1", "gender_f1", "age_f1", "age_acc")})
     masks = facemask_samples("test")
     pred = predict_on(best, masks, row["cache_dir"], args.workers, args.device)[0]["mask"].argmax(1)
@@ -172,9 +191,7 @@ def main():
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", default="bench/results/real_faces.json")
     args = parser.parse_args()
-    for needed in (UTKFACE, FACEMASK, WEIGHTS, BUILD_PROXY):
-        if not needed.exists():
-            sys.exit(f"error: {needed} not found: this benchmark reads ../shared (real faces, weights)")
+    require_shared()
     if args.full:
         args.people, args.eval_people, args.img_size, args.epochs, args.batch_size = 4000, 689, [240, 320], 12, 64
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mtl-bench-real-"))

@@ -75,6 +75,11 @@ def check_resumable(checkpoint: dict, cfg) -> None:
     if (saved.get("age_reg_weight", 0) > 0) != (cfg.age_reg_weight > 0):
         raise ConfigError(f"--resume {checkpoint['path']}: the checkpoint was trained "
                           f"{'with' if saved.get('age_reg_weight', 0) > 0 else 'without'} --age-reg-weight")
+    for key, before in (("freeze_blocks", 0), ("layer_decay", 1.0)):  # NOTE: they shape the model and optimizer
+        if saved.get(key, before) != getattr(cfg, key):
+            flag = f"--{key.replace('_', '-')}"
+            raise ConfigError(f"--resume {checkpoint['path']}: the checkpoint was trained with {flag} "
+                              f"{saved.get(key, before)}, not {getattr(cfg, key)}")
     if "optimizer" not in checkpoint:
         raise ConfigError(f"--resume {checkpoint['path']}: holds no optimizer state (resume from last.pt)")
 

@@ -85,6 +85,7 @@ class TrainConfig:
     head_dropout: float = setting()
     drop_path_rate: float = setting()
     age_reg_weight: float = setting()
+    freeze_blocks: int = setting()
     # losses
     losses: dict = setting(metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
     loss_weights: list[float] = setting(nargs=3, metavar=("M", "G", "A"))
@@ -94,6 +95,7 @@ class TrainConfig:
     batch_size: int = setting()
     lr: float = setting()
     weight_decay: float = setting()
+    layer_decay: float = setting()
     warmup_epochs: float = setting()
     eta_min: float = setting()
     grad_clip: float = setting()
@@ -374,8 +376,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _positive(cfg, name)
     for name in ("weight_decay", "eta_min", "grad_clip", "warmup_epochs", "age_reg_weight", "ema", "mixup",
                  "cutmix", "mix_prob", "patience", "head_dropout", "drop_path_rate", "log_images", "workers",
-                 "oversample_old"):
+                 "oversample_old", "freeze_blocks"):
         _positive(cfg, name, allow_zero=True)
+    if not 0 < cfg.layer_decay <= 1:
+        raise ConfigError(f"--layer-decay must be above 0 and at most 1 (1 = off), got {cfg.layer_decay!r}")
+    if cfg.freeze_blocks and not cfg.pretrained:
+        raise ConfigError(f"--freeze-blocks {cfg.freeze_blocks} keeps pretrained weights, and with --no-pretrained "
+                          f"there are none: give --pretrained-file or drop --freeze-blocks")
     if cfg.ema >= 1 or cfg.mix_prob > 1 or cfg.head_dropout >= 1:
         raise ConfigError("--ema and --head-dropout must be below 1 and --mix-prob at most 1")
     check_fold(cfg.folds, cfg.fold)

@@ -185,13 +185,52 @@ def create_backbone(name, pretrained=True, pretrained_file=None, drop_path_rate=
                           f"from random weights") from None
 
 
+def trunk_groups(backbone: nn.Module) -> dict:
+    """{parameter name: its group} by timm's own coarse grouping: 0 the stem, 1, 2, ... the block groups in order.
+
+    The groups of `model.group_matcher(coarse=True)` (e.g. EfficientNet's stages blocks.0 ... blocks.6, ResNet's
+    layer1 ... layer4, a ViT's blocks); what follows the last block (a conv head, a final norm) joins the last group.
+    """
+    from timm.models import group_parameters
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        raise ConfigError(f"{type(backbone).__name__} has no group_matcher: timm does not say which of its layers "
+                          f"come first, so --freeze-blocks and --layer-decay cannot be used with it")
+    return group_parameters(backbone, matcher(coarse=True), reverse=True)
+
+
+def freeze_blocks(backbone: nn.Module, count: int, model_name: str = "") -> nn.Module:
+    """Freeze the stem and the first `count` block groups of a timm trunk: no gradients, BatchNorm statistics fixed.
+
+    Their BatchNorm layers become timm's FrozenBatchNorm2d (timm.utils.freeze), so running statistics never
+    move, in train mode too; the state dict loses those layers' num_batches_tracked, which is why a checkpoint's
+    model is built with the same freeze_blocks (model_from_config).
+    """
+    if not count:
+        return backbone
+    from timm.utils import freeze
+    group_of = trunk_groups(backbone)
+    blocks = max(group_of.values())
+    if count > blocks:
+        raise ConfigError(f"--freeze-blocks {count}: {model_name or type(backbone).__name__} has {blocks} block "
+                          f"group(s) after its stem (timm's group_matcher), so at most {blocks}")
+    frozen = [name for name, group in group_of.items() if group <= count]
+    params = dict(backbone.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)  # NOTE: also parameters of the trunk itself (a ViT's pos_embed)
+    freeze(backbone, sorted({name.rpartition(".")[0] for name in frozen} - {""}))
+    return backbone
+
+
 def create_model(model="efficientnet_b3", arch="multihead", pretrained=True, pretrained_file=None, head="linear",
-                 head_dropout=0.2, drop_path_rate=0.0, age_reg=False, cosine=None) -> TaskModel:
-    """Build an architecture by name around a timm trunk; `cosine` maps outputs to ArcFace cosine heads' scales."""
+                 head_dropout=0.2, drop_path_rate=0.0, age_reg=False, cosine=None, frozen_blocks=0) -> TaskModel:
+    """Build an architecture by name around a timm trunk; `cosine` maps outputs to ArcFace cosine heads' scales;
+    `frozen_blocks` freezes each trunk's stem and first block groups (freeze_blocks)."""
     n_trunks, plan = plan_for(arch, age_reg)
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}; known: {', '.join(names.HEADS)}")
-    trunks = [Trunk(create_backbone(model, pretrained, pretrained_file, drop_path_rate)) for _ in range(n_trunks)]
+    trunks = [Trunk(freeze_blocks(create_backbone(model, pretrained, pretrained_file, drop_path_rate), frozen_blocks,
+                                  model)) for _ in range(n_trunks)]
     data_cfg = timm.data.resolve_data_config({}, model=trunks[0].backbone)
     return TaskModel(trunks, plan, head=head, head_dropout=head_dropout, cosine=cosine, mean=data_cfg["mean"],
                      std=data_cfg["std"])
@@ -205,7 +244,7 @@ def model_from_config(cfg, pretrained=None) -> TaskModel:
     use_pretrained = get("pretrained", True) if pretrained is None else pretrained
     return create_model(get("model"), get("arch"), use_pretrained, get("pretrained_file") if use_pretrained else None,
                         get("head", "linear"), get("head_dropout", 0.2), get("drop_path_rate", 0.0),
-                        get("age_reg_weight", 0) > 0, cosine)
+                        get("age_reg_weight", 0) > 0, cosine, get("freeze_blocks", 0))
 
 
 def normalization(model: TaskModel) -> tuple[list, list]:

@@ -2,9 +2,8 @@
 
 Reads top to bottom: setup() builds a `Run` (device, seed, model, data, loss, optimizer, schedule, its
 `Progress` and its `RunFiles`) -> per epoch train_one_epoch(run, loader, epoch, writer) then evaluate(run)
--> log, checkpoint, early stop; `train` returns a `TrainResult`, for one fold or for every fold. The learning
-rate follows 1) a linear warmup over --warmup-epochs, 2) then a cosine decay 3) down to --eta-min at the last
-step, 4) updated every optimizer step. What the run leaves on disk (checkpoints, metrics.json, config.yaml, the
+-> log, checkpoint, early stop; `train` returns a `TrainResult`, for one fold or for every fold. The optimizer and
+its learning-rate schedule are mtl.optim's. What the run leaves on disk (checkpoints, metrics.json, config.yaml, the
 HPARAMS row, and keeping them consistent across kills and --resume) is mtl.run_files's; the epoch's curves and
 figures are logged here.
 """
@@ -38,6 +37,7 @@ from mtl.losses import build_loss, class_counts
 from mtl.metrics import score
 from mtl.model import check_trunk, clean_state_dict, model_from_config, normalization, unwrap
 from mtl.names import SAMPLERS
+from mtl.optim import make_optimizer
 from mtl.run_files import Progress, RunFiles, out_dir_for, prepare_out
 from mtl.transforms import eval_transform, make_preprocess, mix_batch, train_transform
 
@@ -110,27 +110,6 @@ def seed_everything(seed: int):
 
 
 # ---------------------------------------------------------------- pieces
-def lr_factor(step: int, total: int, warmup: int, eta_ratio: float) -> float:
-    """Multiplier of the base LR at an optimizer step: linear warmup, then cosine down to eta_min / lr."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return eta_ratio + (1 - eta_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model, loss_module, weight_decay):
-    """AdamW groups: no weight decay on biases, norms and learned loss weights."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = [p for p in loss_module.parameters() if p.requires_grad]
-    if extra:
-        groups.append({"params": extra, "weight_decay": 0.0})
-    return groups
-
-
 # ---------------------------------------------------------------- one epoch
 def train_one_epoch(run: Run, loader, epoch: int, writer=None) -> dict:
     """One pass over the training loader; returns mean losses and throughput (train/* scalars go to writer)."""
@@ -319,12 +298,8 @@ def build_run(cfg: TrainConfig, resume, *, out: Path, rank: int, world: int, dev
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg.weight_decay), lr=cfg.lr)
     batches = math.ceil(len(train_set) / (cfg.batch_size * world))
-    steps_per_epoch = math.ceil(batches / cfg.accumulate)
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, min(1.0, cfg.eta_min / cfg.lr)))
+    optimizer, scheduler = make_optimizer(model, loss_fn, cfg, steps_per_epoch=math.ceil(batches / cfg.accumulate))
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = None
