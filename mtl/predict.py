@@ -203,7 +203,7 @@ def predict_images(args, log=print):
     crops = sorted({json.dumps(m.face_crop, sort_keys=True) for m in predictor.members if m.face_crop is not None})
     log(headline_of(args, predictor.members, f"{len(photos)} photos", predictor.schema)
         + (f", face crop {', '.join(crops)}" if crops else ""))
-    prediction = predictor.prediction(photos, photos, skip_bad=bool(args.skip_bad))
+    prediction = predictor.predict_items(photos, photos, skip_bad=bool(args.skip_bad))
     table = predictor.answers(prediction)
     faces = (f"; a face was found in {int(table['face_found'].sum())} of {len(table)}"
              if "face_found" in table else "")

@@ -147,9 +147,9 @@ class Predictor:
         from mtl.ensemble import check_weights
         from mtl.face_crop import check_settings
         from mtl.inference import resolve_device
-        from mtl.members import as_members
+        from mtl.members import Member, as_members
         from mtl.names import ENSEMBLES, check_tta
-        items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike, dict)) else list(checkpoints)
+        items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike, dict, Member)) else list(checkpoints)
         if not items:
             raise ConfigError("give at least one checkpoint")
         self.members = as_members(items)
@@ -175,7 +175,7 @@ class Predictor:
     def predict(self, images, skip_bad=False, as_frame=False):
         """Answers for photos: one dict for one photo, a list of dicts for several (a DataFrame with as_frame)."""
         names, items, single = read_inputs(images)
-        table = self.answers(self.prediction(names, items, skip_bad=skip_bad))
+        table = self.answers(self.predict_items(names, items, skip_bad=skip_bad))
         if as_frame:
             return table
         rows = [{k: plain(v) for k, v in row.items()} for row in table.to_dict("records")]
@@ -202,7 +202,12 @@ class Predictor:
         return pd.DataFrame(table)
 
     # ------------------------------------------------------------ the prediction
-    def prediction(self, names, items, *, skip_bad=False) -> Prediction:
+    def prediction(self, images, *, skip_bad=False) -> Prediction:
+        """The Prediction (the typed record behind `answers`) for anything `predict` takes."""
+        names, items, _ = read_inputs(images)
+        return self.predict_items(names, items, skip_bad=skip_bad)
+
+    def predict_items(self, names, items, *, skip_bad=False) -> Prediction:
         """The Prediction for photos read by photos.read_inputs (paths or RGB uint8 pixels, with their names).
 
         Every path is checked to decode before any forward pass; an unreadable one stops, or with skip_bad is left

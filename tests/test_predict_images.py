@@ -107,6 +107,10 @@ def test_python_api_takes_paths_pil_images_and_arrays_alike(photos, ckpts):
     assert by_path["mask"] in labels.MASK_NAMES and 0 <= by_path["class"] < 18
     frame = predictor.predict_frame(pixels[None].repeat(3, axis=0))  # an (N, H, W, 3) batch
     assert len(frame) == 3 and frame["class"].nunique() == 1
+    record = predictor.prediction([png, pixels])  # the typed record behind the rows
+    assert record.image_ids == [png, None] and record.skipped == [] and record.face_found is None
+    assert [m.path for m in record.members] == [str(ckpts[0])] and len(record.member_probs) == 1
+    assert predictor.answers(record)["class"].tolist() == [by_path["class"]] * 2
     with pytest.raises(ConfigError, match=r"image 0: expected a uint8 RGB array of shape \(H, W, 3\)"):
         predictor.predict(pixels.astype(np.float32))
 
