@@ -207,17 +207,17 @@ def train_and_resume(ctx, amp, compile_=False, model=None):
     a, b = checkpoint.load(out / "full" / "last.pt"), checkpoint.load(out / "part" / "last.pt")
     weights, optimizer = state_diff(a["model"], b["model"]), state_diff(a["optimizer"], b["optimizer"])
     losses = epoch_losses(out / "full") + epoch_losses(out / "part")
-    finite = bool(losses) and all(math.isfinite(v) for v in losses) and math.isfinite(full["best_f1"])
+    finite = bool(losses) and all(math.isfinite(v) for v in losses) and math.isfinite(full.best_f1)
     bitwise = weights["bitwise"] and optimizer["bitwise"] and a["scaler"] == b["scaler"]
     close = max(weights["rel_diff"], optimizer["rel_diff"]) <= RESUME_REL_TOL
-    ok = finite and b["epoch"] == 2 and resumed["epochs_run"] == 1 and (bitwise or close)
+    ok = finite and b["epoch"] == 2 and resumed.epochs_run == 1 and (bitwise or close)
     scale = a["scaler"].get("scale") if a["scaler"] else None
     summary = (f"losses {', '.join(f'{v:.3f}' for v in losses)}; resumed = straight run "
                f"{'bitwise' if bitwise else (f'within {RESUME_REL_TOL:.0e} (not bitwise)' if close else 'NO')}"
                f" (weights: largest difference {weights['max_abs_diff']:.1e})"
                + (f"; grad scale {scale:g}" if scale is not None else ""))
     return {"ok": ok, "summary": summary, "losses": losses, "finite": finite, "bitwise": bitwise,
-            "weights": weights, "optimizer": optimizer, "scaler": a["scaler"], "val_f1": full["best_f1"],
+            "weights": weights, "optimizer": optimizer, "scaler": a["scaler"], "val_f1": full.best_f1,
             "nondeterministic_ops": notes, "checkpoint": str(out / "full" / "best.pt"), **times}
 
 
@@ -257,11 +257,11 @@ def pinned_loader(ctx):
 
     import torch
 
-    from mtl.dataset import FaceDataset, load_fold
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
     from mtl.loader import make_loader
     from mtl.transforms import eval_transform, make_preprocess
     size = tuple(ctx.sizes["small_size"])
-    fold = load_fold(ctx.small_data(), size, cache_dir=ctx.cache, workers=2, progress=False, log=quiet)
+    fold = load_fold(DataSpec(ctx.small_data()), size, cache_dir=ctx.cache, workers=2, progress=False, log=quiet)
     dataset = FaceDataset(fold.train_samples, fold.train_images, eval_transform(make_preprocess(size)))
     rows = []
     for workers in (0, 2):
@@ -312,7 +312,7 @@ def small_checkpoint(ctx) -> str:
         return earlier["checkpoint"]
     from mtl.train import train
     out = ctx.folder("predict_model")
-    return str(Path(train(small_config(ctx, out=str(out), epochs=1, amp="off"), log=quiet)["out"]) / "best.pt")
+    return str(Path(train(small_config(ctx, out=str(out), epochs=1, amp="off"), log=quiet).out) / "best.pt")
 
 
 @register("predict", "predict.py on the device = on the CPU, same checkpoint (fp32, hflip TTA, bf16, fp16)",
@@ -328,7 +328,7 @@ def predict(ctx):
         argv = ["--checkpoint", checkpoint, "--data", str(data), "--out", str(out / f"{device}_{amp}_{tta}.csv"),
                 "--device", device, "--amp", amp, "--tta", tta, "--workers", str(ctx.sizes["workers"]),
                 "--cache-dir", str(ctx.cache), "--no-progress"]
-        return predict_cli.run(predict_cli.get_args_parser().parse_args(argv), log=quiet)["member_probs"][0]
+        return predict_cli.run(predict_cli.get_args_parser().parse_args(argv), log=quiet).member_probs[0]
 
     reference = {tta: probs("cpu", "off", tta) for tta in ("none", "hflip")}
     cases = [("off", "none"), ("off", "hflip"), ("bf16", "none")] + ([("fp16", "none")] if ctx.cuda else [])
@@ -697,13 +697,14 @@ def train_step(ctx):
 def loader(ctx):
     import torch
 
-    from mtl.dataset import FaceDataset, load_fold
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
     from mtl.loader import make_loader
     from mtl.transforms import make_preprocess, train_transform
     s = ctx.sizes
     size = tuple(s["real_size"])
     data = ctx.synthetic("loader", s["loader_people"], size, eval_people=4)
-    fold = load_fold(data, size, cache_dir=ctx.cache, workers=min(8, os.cpu_count() or 1), progress=False, log=quiet)
+    fold = load_fold(DataSpec(data), size, cache_dir=ctx.cache, workers=min(8, os.cpu_count() or 1), progress=False,
+                     log=quiet)
     earlier = ctx.earlier("train_step")
     model_rate = earlier["model_img_s"] if earlier else None
     rows = []

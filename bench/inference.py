@@ -28,7 +28,8 @@ from PIL import Image
 
 from bench.common import SHARED, table, write_json
 from mtl import checkpoint, config, face_crop
-from mtl.export import DeployModel, export_checkpoint, sample_photos
+from mtl.deploy import DeployModel, sample_photos
+from mtl.export import export_checkpoint
 from mtl.images import fit_size
 from mtl.model import model_from_config, normalization
 from mtl.transforms import make_preprocess

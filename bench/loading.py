@@ -34,13 +34,13 @@ def one_variant(args):
     """Run in a child process: time the loader for one variant, print JSON."""
     import torch
 
-    from mtl.dataset import FaceDataset, load_fold
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
     from mtl.loader import make_loader
     from mtl.transforms import make_preprocess, train_transform
     torch.set_num_threads(1)
     use_cache = args.variant != "decode"
     t0 = time.perf_counter()
-    fold = load_fold(args.data, tuple(args.load_size), folds=5, fold=0, cache_dir=args.cache_dir,
+    fold = load_fold(DataSpec(args.data), tuple(args.load_size), cache_dir=args.cache_dir,
                      use_cache=use_cache, workers=args.workers, progress=False, log=lambda *_: None)
     prepare_s = time.perf_counter() - t0
     if args.variant == "build":

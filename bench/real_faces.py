@@ -102,13 +102,14 @@ def facemask_samples(half: str):
 
 def predict_on(checkpoint_path, samples, cache_dir, workers, device) -> tuple[dict, object]:
     """(per-task probabilities, LabelSchema) of a checkpoint on a sample table, through predict.py's code path."""
-    from mtl import checkpoint
-    from mtl.members import load_size_of, open_sources, predict_members
-    member = checkpoint.load(checkpoint_path)
-    sources = open_sources(list(samples["image_path"]), [load_size_of(member)], cache_dir=cache_dir,
-                           workers=workers, progress=False)
+    from mtl.members import load_members, open_sources, predict_members
+    member = load_members([str(checkpoint_path)])[0]
+    sources, problems = open_sources(list(samples["image_path"]), [member.load_size], cache_dir=cache_dir,
+                                     workers=workers, progress=False)
+    if problems:
+        raise RuntimeError(f"{len(problems)} bad photo(s), e.g. {problems[0]}")
     probs = predict_members([member], samples, sources, workers=workers, device=device, progress=False)[0]
-    return probs, checkpoint.label_schema(member)
+    return probs, member.schema
 
 
 def train_variant(name, options, args, data, work) -> dict:
@@ -140,9 +141,9 @@ def train_variant(name, options, args, data, work) -> dict:
     t0 = time.time()
     result = train(cfg, log=print)
     minutes = (time.time() - t0) / 60
-    row = {"variant": name, "train_min": minutes, "best_epoch": result["best_epoch"],
-           "best": str(Path(result["out"]) / "best.pt"), "cache_dir": cfg.cache_dir}
-    row.update({f"val_{k}": v for k, v in result["metrics"].items() if k in ("f1", "mask_f1", "gender_f1", "age_f1",
+    row = {"variant": name, "train_min": minutes, "best_epoch": result.best_epoch,
+           "best": str(Path(result.out) / "best.pt"), "cache_dir": cfg.cache_dir}
+    row.update({f"val_{k}": v for k, v in result.metrics.items() if k in ("f1", "mask_f1", "gender_f1", "age_f1",
                                                                              "age_acc", "gender_acc", "age_reg_f1")})
     atomic_write_text(json.dumps(row, indent=2), out / "train_row.json")
     return row

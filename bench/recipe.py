@@ -356,8 +356,8 @@ def train_run(name: str, seed: int, budget: Budget, prepared: Prepared, work: Pa
                         "device": budget.device, "patience": 0, "log_images": 0, "progress": False})
     t0 = time.time()
     result = train(cfg, log=lambda line: log(f"    {line}"))
-    facts = {"train_min": (time.time() - t0) / 60, "best_epoch": result["best_epoch"],
-             "val_f1_at_own_threshold": result["best_f1"], "config": cfg.to_dict()}
+    facts = {"train_min": (time.time() - t0) / 60, "best_epoch": result.best_epoch,
+             "val_f1_at_own_threshold": result.best_f1, "config": cfg.to_dict()}
     atomic_write_text(json.dumps(facts, indent=2), out / "train.json")
     (out / "last.pt").unlink(missing_ok=True)  # NOTE: best.pt stays for --rescore; last.pt only resumes
     return facts

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mtl import data
-from mtl.cli import main_guard
+from mtl.cli import ArgumentParser, main_guard
 from mtl.data import FACE_CROP_RECORD
 from mtl.errors import ConfigError, DataError
 from mtl.face_crop import (  # noqa: F401
@@ -207,8 +207,8 @@ def crop_dataset(data_root, out, margin=DEFAULT_MARGIN, size=DEFAULT_SIZE, devic
 
 # ---------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.crop_faces", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m data_tools.crop_faces", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", metavar="DATA", help="data folder with train/ and/or eval/ (the competition layout)")
     parser.add_argument("out", metavar="OUT", help="new folder for the cropped copy (or the same one, to resume)")
     crop = parser.add_argument_group("crop")
@@ -235,7 +235,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args):
     """One clear line for a bad flag, before any work."""
-    from mtl.transforms import size_pair
+    from mtl.checks import check_device_name, size_pair
     if not 0 <= args.margin <= 2:
         raise ConfigError(f"--margin must be from 0 to 2 (a fraction of the face box), got {args.margin}")
     args.size = size_pair(args.size, "--size")
@@ -247,13 +247,14 @@ def check_args(args):
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    from mtl.inference import resolve_device
-    resolve_device(args.device)
+    check_device_name(args.device)  # NOTE: whether this machine has it is checked where the detector is built
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     check_args(args)
+    from mtl.inference import resolve_device
+    resolve_device(args.device)  # NOTE: a GPU this machine lacks, before any photo is read
     try:
         crop_dataset(args.data, args.out, args.margin, args.size, args.device, args.batch_size, args.min_face,
                      args.skip_bad, args.workers, args.progress, threads=args.threads)

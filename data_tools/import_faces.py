@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from mtl import data, labels
-from mtl.cli import main_guard
+from mtl.cli import ArgumentParser, main_guard
 from mtl.data import Problem
 from mtl.errors import ConfigError, DataError
 from mtl.images import check_images
@@ -182,8 +182,8 @@ def summary(samples: pd.DataFrame, out: Path, how: str) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.import_faces", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m data_tools.import_faces", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", metavar="SRC", help="folder of outside photos (searched recursively)")
     parser.add_argument("out", metavar="OUT", help="folder to write extra.csv (and images/ with --copy/--link) into")
     parser.add_argument("--format", required=True, choices=FORMATS,

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from mtl import labels
+from mtl.cli import ArgumentParser
 from mtl.errors import ConfigError, MTLError
 
 RACES = ("Asian", "White", "Black", "Other")
@@ -618,8 +619,8 @@ def make_synthetic(out, people: int, seed: int, eval_people: int | None = None, 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line: where to write, how many people, which seed, what photo size."""
-    parser = argparse.ArgumentParser(prog="python -m data_tools.make_synthetic",
-                                     description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m data_tools.make_synthetic",
+                            description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data set")
     data.add_argument("--out", type=Path, required=True, help="folder to write train/, eval/, eval_truth.csv into")
     data.add_argument("--people", type=int, required=True, help="number of train people (seven photos each)")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mtl import data, labels
-from mtl.cli import add_ensemble_flags, add_inference_arguments, add_tta_flags, main_guard
+from mtl.cli import ArgumentParser, add_ensemble_flags, add_inference_arguments, add_tta_flags, main_guard
 from mtl.errors import ConfigError, DataError
 
 DEFAULT_MIN_CONFIDENCE = 0.9
@@ -108,7 +108,7 @@ def summary(found: dict, written: int, out: Path, bars: dict, schema: labels.Lab
 # ---------------------------------------------------------------- the run
 def check_args(args):
     """Raise a ConfigError for flags out of range; returns the per-task bars."""
-    from mtl.inference import check_tta
+    from mtl.names import check_tta
     args.tta = check_tta(args.tta)
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
@@ -118,28 +118,30 @@ def check_args(args):
 def run(args, log=print) -> dict:
     """Check every input, predict the eval photos (soft ensemble), keep the confident tasks, write OUT atomically."""
     # NOTE: mtl.members imports timm (seconds); imported here so --help and argument errors stay quick
-    from mtl import checkpoint as ckpt_io
     from mtl.ensemble import check_weights, combine
-    from mtl.members import check_face_crop, load_members, load_size_of, open_sources, predict_members
-    from mtl.outputs import check_output, write_outputs
+    from mtl.members import check_face_crop, load_members, open_sources
+    from mtl.outputs import check_output, write_all
+    from mtl.predictor import predict_sources
     bars = check_args(args)
     out = check_output(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     members = load_members(args.checkpoint)
     weights = check_weights(args.weights, len(members))
-    schema = ckpt_io.label_schema(members[0])  # NOTE: load_members checked that every member shares it
+    schema = members[0].schema  # NOTE: load_members checked that every member shares it
     check_face_crop(members, args.data, log)
     info, samples = data.eval_samples(args.data)
     if len(samples) == 0:
         raise DataError(f"{Path(args.data) / 'eval' / 'info.csv'} lists no photos")
-    sources = open_sources(samples["image_path"], [load_size_of(m) for m in members], args.cache_dir, args.cache,
-                           args.workers, args.progress, log)
+    sources, problems = open_sources(samples["image_path"], [m.load_size for m in members], cache_dir=args.cache_dir,
+                                     use_cache=args.cache, workers=args.workers, progress=args.progress, log=log)
+    if problems:
+        raise DataError(data.format_problems(problems, "bad eval photo"))
     log(f"{len(members)} checkpoint(s), {len(samples)} eval photos, TTA {', '.join(args.tta) or 'none'}, "
         f"age threshold {schema.age_threshold}; bars " + ", ".join(f"{t} {b:g}" for t, b in bars.items()))
 
-    member_probs = predict_members(members, samples, sources, args.batch_size, args.workers, args.device, args.amp,
-                                   args.tta, args.progress)
+    member_probs, _ = predict_sources(members, samples, sources, batch_size=args.batch_size, workers=args.workers,
+                                      device=args.device, amp=args.amp, tta=args.tta, progress=args.progress)
     result = combine(member_probs, weights, "soft")
     image_ids = info["ImageID"].str.strip().tolist()
     found = pseudo_labels(result.probs, bars, schema, use_age_reg=args.age_reg)
@@ -148,16 +150,15 @@ def run(args, log=print) -> dict:
         best = ", ".join(f"{t} {found[f'{t}_confidence'].max():.4f}" for t in labels.TASKS)
         raise DataError(f"no eval photo reaches the bar on any task (highest probabilities: {best}); nothing "
                         f"written - lower --min-confidence")
-    write_outputs([(out, lambda: data.write_extra(table, out), summary(found, len(table), out, bars, schema))],
-                  log)
+    write_all([(out, lambda: data.write_extra(table, out), summary(found, len(table), out, bars, schema))], log)
     return {"members": members, "result": result, "image_ids": image_ids, "labels": found, "table": table,
             "schema": schema, "out": out}
 
 
 # ---------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.pseudo_label", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LEGITIMACY)
+    parser = ArgumentParser(prog="python -m data_tools.pseudo_label", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LEGITIMACY)
     group = parser.add_argument_group("input and output")
     group.add_argument("--checkpoint", nargs="+", action="extend", metavar="PATH", required=True,
                        help="checkpoint(s) or glob(s), e.g. 'runs/NAME/fold*/best.pt'; several make a soft ensemble")

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from mtl import data, labels
-from mtl.cli import main_guard
+from mtl.cli import ArgumentParser, main_guard
 from mtl.data import Problem
 from mtl.errors import DataError
 from mtl.images import check_images
@@ -381,8 +381,8 @@ def summary(facts, report_path) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m data_tools.report", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", metavar="DATA", help="data folder with train/ (and eval/), the competition layout")
     parser.add_argument("--out", help="folder for report.md and the PNG plots (default: ./report_<DATA name>)")
     parser.add_argument("--age-threshold", default=labels.DEFAULT_AGE_THRESHOLD,

@@ -4,7 +4,7 @@ Keys: format, model (plain state dict: no '_orig_mod.' or 'module.' prefixes), c
 resolved TrainConfig), schema (the run's labels.LabelSchema.to_dict()), preprocess (the record
 transforms.eval_transform rebuilds the input pipeline from), epoch (last finished, counting from
 1), metrics (validation metrics of that epoch); last.pt adds optimizer, scheduler, scaler, ema,
-loss (learned loss weights) and train_state (train.Progress: steps, the best epoch, early stopping).
+loss (learned loss weights) and train_state (run_files.Progress: steps, the best epoch, early stopping).
 `label_schema` reads the schema back (every version written so far): it is what inference uses; the
 config's age_threshold is the setting that made it, kept so the run can be repeated.
 """
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from mtl import labels
 from mtl.errors import ConfigError
 from mtl.io import atomic_torch_save
-from mtl.model import clean_state_dict, model_from_config
 
 CHECKPOINT_FORMAT = 1
 
@@ -34,6 +31,7 @@ def load(path) -> dict:
         raise ConfigError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise ConfigError(f"{path}: empty file (0 bytes), not a checkpoint")
+    import torch  # NOTE: here, not at the top: reading a checkpoint's records (schema, config) needs no torch
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
@@ -50,6 +48,7 @@ def load(path) -> dict:
 
 def build_model(checkpoint: dict):
     """The model a checkpoint describes, with its weights loaded (no pretrained download)."""
+    from mtl.model import clean_state_dict, model_from_config
     model = model_from_config(checkpoint["config"], pretrained=False)
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
     return model
@@ -64,11 +63,6 @@ def label_schema(checkpoint: dict) -> labels.LabelSchema:
         return labels.LabelSchema.from_dict(checkpoint["schema"])
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
-
-def check_same_schema(checkpoints) -> labels.LabelSchema:
-    """The one label schema of the checkpoints, or a ConfigError if they differ (they cannot be ensembled)."""
-    return labels.check_same_schema([(c["path"], label_schema(c)) for c in checkpoints])
 
 
 def check_resumable(checkpoint: dict, cfg) -> None:

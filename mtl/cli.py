@@ -6,6 +6,15 @@ import dataclasses
 import sys
 
 from mtl.errors import MTLError
+from mtl.names import AMP_MODES, TTA
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line naming the flag, like every other error of mtl's commands
+    (argparse prints the whole usage first; --help shows it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main_guard(main, interrupted="interrupted: checkpoints written so far are kept"):
@@ -25,7 +34,7 @@ def add_inference_arguments(group):
     group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--workers", type=int, default=2, help="DataLoader and cache-building worker processes")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+    group.add_argument("--amp", default="auto", choices=AMP_MODES,
                        help="autocast dtype: auto is bf16 on CUDA (fp16 where bf16 is missing), off on CPU")
     group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
     group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
@@ -56,35 +65,9 @@ def add_ensemble_flags(group, methods=None, weights_help="one weight per ensembl
 
 
 def add_tta_flags(group):
-    """--tta (predict.py, mtl.soup, data_tools.pseudo_label; read with `inference.check_tta`)."""
-    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME",
+    """--tta (predict.py, mtl.soup, data_tools.pseudo_label; read with `names.check_tta`)."""
+    group.add_argument("--tta", nargs="+", default=["none"], metavar="NAME", choices=("none", *TTA),
                        help="test-time augmentation: none (default) or hflip (average with the mirrored photo)")
-
-
-NONE_MEANS = {"out": "a fresh runs/<time>_<model>_<arch>", "cache_dir": "$MTL_CACHE_DIR or ~/.cache/mtl",
-              "load_size": "the --img-size", "resume": "a new run"}
-
-
-def default_text(key, value) -> str:
-    """A default from configs/default.yaml as --help shows it."""
-    if value is None:
-        return NONE_MEANS.get(key, "none")
-    if isinstance(value, dict):
-        options = ",".join(f"{k}={v}" for k, v in value.items() if k != "name")
-        return f"{value.get('name')}{':' + options if options else ''}"
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(v) for v in value) or "none"
-    return str(value)
-
-
-class _Names:
-    """A registry's names as --help prints them, read only when the help is (see config.registry)."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __str__(self):
-        return ", ".join(self.names())
 
 
 def _flag_type(kind):
@@ -100,35 +83,36 @@ def _flag_type(kind):
 
 
 def train_flags(values: dict):
-    """(group, flag, dest, shown default, argparse keywords, choices) of every TrainConfig field, from its schema."""
+    """(group, flag, dest, shown default, argparse keywords, choices) of every TrainConfig field, from its schema and
+    its description in configs/default.yaml (config.docs)."""
     from mtl import config, labels
     for field in dataclasses.fields(config.TrainConfig):
-        meta, key = field.metadata, field.name
-        group, text, known, keywords = meta["group"], meta["help"], meta["choices"], dict(meta["argparse"])
+        meta, key, doc = field.metadata, field.name, config.docs()[field.name]
+        group, text, known, keywords = doc.group, doc.text, meta["choices"], dict(meta["argparse"])
         kind = config.TYPES[key]
         if key == "losses":  # NOTE: one flag per task: --mask-loss focal:gamma=2 names only that task's loss
             for task in labels.LOSS_TASKS:
-                yield (group, f"--{task}-loss", f"{task}_loss", default_text(key, values[key][task]),
-                       {**keywords, "help": text.format(task=task)}, None)
+                yield (group, f"--{task}-loss", f"{task}_loss", config.value_text(key, values[key][task]),
+                       {**keywords, "help": f"{task}: {text}"}, None)
             continue
-        switches = meta["flags"] or ({config.flag_name(key): True} if kind is bool else None)
+        switches = meta["flags"] or ({config.flag_name(key): (True, text)} if kind is bool else None)
         if switches:
-            for flag, const in switches.items():
-                const, flag_help = const if isinstance(const, tuple) else (const, text)
+            for flag, (const, flag_help) in switches.items():
                 value = values[key]
-                shown = ("on" if value == const else "off") if isinstance(value, bool) else default_text(key, value)
+                shown = ("on" if value == const else "off") if isinstance(value, bool) else \
+                    config.value_text(key, value)
                 yield group, flag, key, shown, {"action": "store_const", "const": const, "help": flag_help}, None
             continue
         if _flag_type(kind):
             keywords["type"] = _flag_type(kind)
-        yield group, config.flag_name(key), key, default_text(key, values[key]), {**keywords, "help": text}, known
+        yield group, config.flag_name(key), key, config.value_text(key, values[key]), {**keywords, "help": text}, known
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
     """Every TrainConfig field as a flag, generated from its schema (config.setting): name, type, group, help.
 
     Each flag's default is None: only flags given override the YAML config. --help shows each flag's default,
-    read from configs/default.yaml (the one place defaults live), and the choices, read from their registries.
+    read from configs/default.yaml (the one place defaults live), and its choices (mtl.names), which argparse checks.
     """
     from mtl.config import defaults
     groups = {}
@@ -138,10 +122,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip=()):
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         text = keywords.pop("help").replace("%", "%%")
-        text = f"{text}{'; ' if text else ''}one of %(choices_text)s" if known else text
-        action = groups[group].add_argument(flag, dest=key, default=None, help=f"{text} (default: {shown})".strip(),
-                                            **keywords)
-        action.choices_text = _Names(known)  # NOTE: argparse fills %(choices_text)s from the action's attributes
+        if known:  # NOTE: argparse refuses any other value, and fills %(choices)s in with them
+            text = f"{text}{'; ' if text else ''}one of %(choices)s"
+            keywords.update(choices=known, metavar=keywords.get("metavar", key.upper()))
+        groups[group].add_argument(flag, dest=key, default=None, help=f"{text} (default: {shown})".strip(), **keywords)
 
 
 def overrides_from_args(args) -> dict:

@@ -1,8 +1,8 @@
 """Training configuration: one flat dataclass, YAML files in configs/, command-line overrides.
 
 TrainConfig is the one schema of the settings: each field's name, type, --help group and text, and choices
-(read from the registries that define them: model.ARCHS, model.HEADS, transforms.AUGMENTATIONS, ...);
-mtl.cli generates the training flags from it and `validate` checks the choices.
+(the names in mtl.names, which the registries that implement them share: model.ARCHS, model.HEADS,
+transforms.AUGMENTATIONS, ...); mtl.cli generates the training flags from it and `validate` checks the choices.
 
 Precedence, lowest first: configs/default.yaml (the one place default values live; found next to the
 package, whatever the working directory) < a base dict (a checkpoint's config, for --resume) < the
@@ -19,7 +19,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib
 import math
 import re
 import types
@@ -28,116 +27,95 @@ from pathlib import Path
 
 import yaml
 
-from mtl import labels
+from mtl import labels, names
+from mtl.checks import check_device_name, check_fold, check_loss_spec, parse_age_range, size_pair
 from mtl.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # NOTE: package data; in the checkout a link to configs/
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 
-def registry(module: str, name: str):
-    """The choices of a setting: a function returning the names a registry (a dict or tuple) holds.
+def setting(choices=None, flags=None, **argparse_keywords):
+    """A TrainConfig field's schema: its type is the annotation; its value, --help text and section are in
+    configs/default.yaml (`docs`).
 
-    NOTE: read when asked (validate, --help printed), not when this module or the parser is built: the registries
-    live beside what they name and import torch, timm and albumentations.
+    choices: the names (mtl.names) of the values it takes; flags: for a switch, {flag: (value it sets, the flag's
+    help)}; argparse_keywords: nargs, metavar or action.
     """
-    return lambda: tuple(getattr(importlib.import_module(module), name))
+    return dataclasses.field(metadata={"choices": choices, "flags": flags, "argparse": argparse_keywords})
 
 
-def setting(group: str, help: str = "", choices=None, flags=None, **argparse_keywords):
-    """A TrainConfig field's schema (no default value: configs/default.yaml holds those).
-
-    group and help: its --help section and text; choices: registry(...) of the values it takes; flags: for a
-    switch, {flag: value it sets} (or {flag: (value, help)}); argparse_keywords: nargs, metavar or action.
-    """
-    return dataclasses.field(metadata={"group": group, "help": help, "choices": choices, "flags": flags,
-                                       "argparse": argparse_keywords})
-
-
-DATA, PREPROCESSING, MODEL, LOSSES, OPTIMISATION, RUNNING = (
-    "data", "preprocessing and augmentation", "model", "losses", "optimisation", "running")
 SIZE = {"nargs": "+", "metavar": "N"}
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The settings of one run: names, types, --help text and choices; every default value is in configs/default.yaml.
+    """The settings of one run: names, types and choices; each one's value and meaning are in configs/default.yaml.
 
-    mtl.cli.add_train_arguments makes each field a flag from this schema and validate checks its choices.
+    mtl.cli.add_train_arguments makes each field a flag from this schema and `docs`; validate checks the values.
     """
     # data
-    data: str = setting(DATA, "data folder with train/ and eval/ (the competition layout)")
-    out: str | None = setting(DATA, "output folder")
-    age_threshold: int = setting(DATA, "age from which a person counts as 60+ (e.g. 59)")
-    drop_ages: str | None = setting(DATA, "leave these ages out of training only, e.g. 57-59")
-    relabel: str | None = setting(DATA, "CSV of id,gender,age fixes applied on load")
-    extra: list[str] | None = setting(DATA, "extra partial-label CSV (data_tools.import_faces); repeatable",
-                                      action="append")
-    folds: int = setting(DATA, "number of person-level folds")
-    fold: int = setting(DATA, "validation fold")
-    all_folds: bool = setting(DATA, "train every fold in turn (for an ensemble)")
-    seed: int = setting(DATA, "seed for folds, shuffling and augmentation")
-    skip_bad: bool = setting(DATA, "leave out bad photos instead of stopping")
-    cache: bool = setting(DATA, "decode JPEGs every time", flags={"--no-cache": False})
-    cache_dir: str | None = setting(DATA, "decoded-image cache folder")
-    workers: int = setting(DATA, "DataLoader and cache-building worker processes")
+    data: str = setting()
+    out: str | None = setting()
+    age_threshold: int = setting()
+    drop_ages: str | None = setting()
+    relabel: str | None = setting()
+    extra: list[str] | None = setting(action="append")
+    folds: int = setting()
+    fold: int = setting()
+    all_folds: bool = setting()
+    seed: int = setting()
+    skip_bad: bool = setting()
+    cache: bool = setting(flags={"--no-cache": (False, "decode JPEGs every time")})
+    cache_dir: str | None = setting()
+    workers: int = setting()
     # preprocessing and augmentation
-    img_size: list[int] = setting(PREPROCESSING, "network input W H (or one number for a square)", **SIZE)
-    load_size: list[int] | None = setting(PREPROCESSING, "decode + cache size W H", **SIZE)
-    center_crop: list[int] | None = setting(PREPROCESSING, "center crop W H in load-size pixels", **SIZE)
-    augment: str = setting(PREPROCESSING, "augmentation preset", registry("mtl.transforms", "AUGMENTATIONS"))
-    oversample_old: int = setting(PREPROCESSING, "repeat the 60+ people this many more times per epoch")
-    oversample_augment: str = setting(PREPROCESSING, "augmentation preset of those repeated photos",
-                                      registry("mtl.transforms", "AUGMENTATIONS"))
+    img_size: list[int] = setting(**SIZE)
+    load_size: list[int] | None = setting(**SIZE)
+    center_crop: list[int] | None = setting(**SIZE)
+    augment: str = setting(names.AUGMENTATIONS)
+    oversample_old: int = setting()
+    oversample_augment: str = setting(names.AUGMENTATIONS)
     # model
-    model: str = setting(MODEL, "any timm model name, e.g. efficientnet_b3, tresnet_m, vit_small_patch16_224")
-    arch: str = setting(MODEL, "architecture", registry("mtl.model", "ARCHS"))
-    head: str = setting(MODEL, "task head", registry("mtl.model", "HEADS"))
-    pretrained: bool = setting(MODEL, "random initial weights instead of ImageNet ones",
-                               flags={"--no-pretrained": False})
-    pretrained_file: str | None = setting(MODEL, "local pretrained weights file for the trunk (used even where the "
-                                                 "config says pretrained: false)")
-    head_dropout: float = setting(MODEL, "dropout before each head")
-    drop_path_rate: float = setting(MODEL, "stochastic depth of the trunk")
-    age_reg_weight: float = setting(MODEL, "weight of the auxiliary age regression (0 = off)")
-    freeze_blocks: int = setting(MODEL, "keep the trunk's stem and its first N block groups (timm's group_matcher) "
-                                        "at their pretrained weights, BatchNorm statistics too (0 = off)")
+    model: str = setting()
+    arch: str = setting(names.ARCHS)
+    head: str = setting(names.HEADS)
+    pretrained: bool = setting(flags={"--no-pretrained": (False, "random initial weights instead of ImageNet ones")})
+    pretrained_file: str | None = setting()
+    head_dropout: float = setting()
+    drop_path_rate: float = setting()
+    age_reg_weight: float = setting()
+    freeze_blocks: int = setting()
     # losses
-    losses: dict = setting(LOSSES, "{task} loss, e.g. focal:gamma=2,class_weights=balanced",
-                           metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
-    loss_weights: list[float] = setting(LOSSES, "task loss weights", nargs=3, metavar=("M", "G", "A"))
-    loss_weighting: str = setting(LOSSES, "uncertainty learns the task loss weights (Kendall et al. 2018)",
-                                  registry("mtl.losses", "WEIGHTINGS"))
+    losses: dict = setting(metavar="NAME[:k=v,...]")  # NOTE: one flag per task, --mask-loss ... --joint-loss
+    loss_weights: list[float] = setting(nargs=3, metavar=("M", "G", "A"))
+    loss_weighting: str = setting(names.WEIGHTINGS)
     # optimisation
-    epochs: int = setting(OPTIMISATION)
-    batch_size: int = setting(OPTIMISATION)
-    lr: float = setting(OPTIMISATION, "peak learning rate (AdamW)")
-    weight_decay: float = setting(OPTIMISATION)
-    layer_decay: float = setting(OPTIMISATION, "layer-wise lr decay: each trunk block group learns at this times the "
-                                               "next one's rate, the last at --lr (1 = off)")
-    warmup_epochs: float = setting(OPTIMISATION)
-    eta_min: float = setting(OPTIMISATION, "learning rate at the end of the cosine schedule")
-    grad_clip: float = setting(OPTIMISATION, "gradient norm clip (0 = off)")
-    accumulate: int = setting(OPTIMISATION, "gradient accumulation steps")
-    amp: str = setting(OPTIMISATION, "autocast dtype, auto is bf16 on CUDA and off on CPU",
-                       registry("mtl.inference", "AMP_MODES"))
+    epochs: int = setting()
+    batch_size: int = setting()
+    lr: float = setting()
+    weight_decay: float = setting()
+    layer_decay: float = setting()
+    warmup_epochs: float = setting()
+    eta_min: float = setting()
+    grad_clip: float = setting()
+    accumulate: int = setting()
+    amp: str = setting(names.AMP_MODES)
     channels_last: bool | str = setting(  # auto: on CUDA only; true asks for it on the CPU too
-        OPTIMISATION, flags={"--channels-last": (True, "channels_last memory format on any device (auto: CUDA only)"),
-                             "--no-channels-last": (False, "plain memory layout, also on CUDA")})
-    compile: bool = setting(OPTIMISATION, "torch.compile the model")
-    ema: float = setting(OPTIMISATION, "EMA decay of the weights (0 = off, e.g. 0.999)")
-    sampler: str = setting(OPTIMISATION, "balanced draws each 18-class combination equally often",
-                           registry("mtl.train", "SAMPLERS"))
-    mixup: float = setting(OPTIMISATION, "mixup alpha (0 = off)")
-    cutmix: float = setting(OPTIMISATION, "vertical CutMix alpha (0 = off)")
-    mix_prob: float = setting(OPTIMISATION, "share of batches mixed")
-    patience: int = setting(OPTIMISATION, "early stopping after this many epochs without a better F1 (0 = off)")
+        flags={"--channels-last": (True, "channels_last memory format on any device (auto: CUDA only)"),
+               "--no-channels-last": (False, "plain memory layout, also on CUDA")})
+    compile: bool = setting()
+    ema: float = setting()
+    sampler: str = setting(names.SAMPLERS)
+    mixup: float = setting()
+    cutmix: float = setting()
+    mix_prob: float = setting()
+    patience: int = setting()
     # running
-    device: str = setting(RUNNING, "auto, cpu, cuda, cuda:1, ...")
-    resume: str | None = setting(RUNNING, "continue a run from its last.pt (its outputs go next to that file "
-                                          "unless --out)")
-    log_images: int = setting(RUNNING, "misclassified photos shown in TensorBoard per epoch")
-    progress: bool = setting(RUNNING, "no progress bars", flags={"--no-progress": False})
+    device: str = setting()
+    resume: str | None = setting()
+    log_images: int = setting()
+    progress: bool = setting(flags={"--no-progress": (False, "no progress bars")})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,15 +126,47 @@ TYPES = typing.get_type_hints(TrainConfig)
 
 
 def choices(key: str) -> tuple | None:
-    """The values a setting takes, read from its registry (None: any value its type reads)."""
-    known = FIELDS[key].metadata["choices"]
-    return known() if known else None
+    """The values a setting takes (mtl.names; None: any value its type reads)."""
+    return FIELDS[key].metadata["choices"]
 
 
-def __getattr__(name):
-    if name == "TASK_LOSS_DEFAULTS":  # NOTE: the per-task default losses, read from configs/default.yaml
-        return defaults()["losses"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    """What configs/default.yaml says about a key: its --help section, its text, and what null means for it."""
+    group: str
+    text: str
+    none_means: str = "none"
+
+
+@functools.lru_cache(maxsize=1)
+def docs() -> dict[str, Doc]:
+    """{key: Doc} from configs/default.yaml's comments, the one place each setting is described.
+
+    A top-level `key: value  # text; null: meaning` line documents key; a `# ---- section (...)` line starts the
+    section of the keys below it.
+    """
+    found, group = {}, None
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        header = re.match(r"# ---- ([^(]+)", line)
+        entry = re.match(r"(\w+):[^#]*(?:#\s*(.*))?$", line)
+        if header:
+            group = header.group(1).strip()
+        elif entry and group:
+            text, _, none_means = (entry.group(2) or "").partition("; null: ")
+            found[entry.group(1)] = Doc(group, text.strip(), none_means.strip() or "none")
+    return found
+
+
+def value_text(key: str, value) -> str:
+    """A setting's value as --help and the HPARAMS table show it: 'ce:label_smoothing=0.05', '240 320', ..."""
+    if value is None:
+        return docs()[key].none_means if key in docs() else "none"
+    if isinstance(value, dict):
+        options = ",".join(f"{k}={v}" for k, v in value.items() if k != "name")
+        return f"{value.get('name')}{':' + options if options else ''}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 # ---------------------------------------------------------------- YAML and typed values
@@ -334,6 +344,7 @@ def parse_loss_spec(text: str) -> dict:
     return spec
 
 
+# ---------------------------------------------------------------- checks
 def _positive(cfg, name, allow_zero=False):
     value = getattr(cfg, name)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -343,8 +354,12 @@ def _positive(cfg, name, allow_zero=False):
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every value a user can get wrong; raise one ConfigError naming the flag."""
-    from mtl.transforms import size_pair
+    """Check every value a user can get wrong; raise one ConfigError naming the flag.
+
+    NOTE: what needs the model or the machine (a timm model name, a weights file, a GPU) is checked where the
+    run builds them (train.setup, model.create_backbone), as timm and torchvision do: this module imports nothing
+    heavier than yaml, so a typo is answered at once.
+    """
     cfg.age_threshold = labels.check_threshold(cfg.age_threshold)
     for name in FIELDS:
         known = choices(name)
@@ -370,7 +385,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"there are none: give --pretrained-file or drop --freeze-blocks")
     if cfg.ema >= 1 or cfg.mix_prob > 1 or cfg.head_dropout >= 1:
         raise ConfigError("--ema and --head-dropout must be below 1 and --mix-prob at most 1")
-    from mtl.splits import check_fold
     check_fold(cfg.folds, cfg.fold)
     cfg.img_size = list(size_pair(cfg.img_size, "--img-size"))
     cfg.load_size = list(size_pair(cfg.load_size, "--load-size")) if cfg.load_size else None
@@ -380,15 +394,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg.extra = list(cfg.extra or [])
     if cfg.pretrained_file:
         cfg.pretrained = True  # NOTE: a weights file given is used, whatever `pretrained` says (README, Real data)
-    from mtl.data import parse_age_range
     parse_age_range(cfg.drop_ages)
-    from mtl.inference import resolve_device
-    resolve_device(cfg.device)
-    from mtl.losses import check_loss_spec
-    from mtl.model import check_model_config
+    check_device_name(cfg.device)
     for task in labels.LOSS_TASKS:
         check_loss_spec(task, cfg.losses[task])
-    check_model_config(cfg)
     return cfg
 
 

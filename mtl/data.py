@@ -279,19 +279,6 @@ def eval_samples(data_root) -> tuple[pd.DataFrame, pd.DataFrame]:
     return info, samples
 
 
-def parse_age_range(text) -> tuple[int, int] | None:
-    """'57-59' or '58' -> (57, 59) / (58, 58); None or '' -> None."""
-    if text is None or str(text).strip() in ("", "none", "None"):
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", str(text))
-    if match is None:
-        raise DataError(f"--drop-ages must look like 57-59 or 58, got {text!r}")
-    low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-    if low > high:
-        raise DataError(f"--drop-ages {text!r}: the first age must not exceed the second")
-    return low, high
-
-
 def read_extra(csv_path) -> pd.DataFrame:
     """An external partial-label table (path,mask,gender,age[,person_id]) -> sample table.
 

@@ -1,7 +1,8 @@
-"""The torch Dataset and the one function that turns a data folder into checked train/validation sets."""
+"""The torch Dataset, and the one function that turns a data folder (a DataSpec) into checked train/validation sets."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pandas as pd
@@ -9,8 +10,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl import data, labels
+from mtl.checks import check_fold, parse_age_range
 from mtl.images import open_images
-from mtl.splits import check_fold, person_folds
+from mtl.splits import person_folds
 
 
 class FaceDataset(Dataset):
@@ -71,6 +73,29 @@ class FaceDataset(Dataset):
         return {"mask": self.mask, "gender": self.gender, "age_group": self.age_group, "age_years": self.age_years}
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Which photos a run reads and how it splits them: the data folder, the person-level fold, and the fixes and
+    extra tables applied on load (the keys of a TrainConfig that decide what data a run sees)."""
+    root: str | os.PathLike
+    folds: int = 5
+    fold: int = 0
+    seed: int = 42
+    relabel: str | None = None  # a CSV of id,gender,age fixes
+    drop_ages: str | None = None  # e.g. '57-59': left out of training only
+    extra: tuple = ()  # partial-label CSVs added to training
+    skip_bad: bool = False  # leave bad photos out instead of stopping
+
+    @classmethod
+    def of(cls, cfg, **changes) -> DataSpec:
+        """The spec of a TrainConfig (or a checkpoint's config dict), with `changes` applied."""
+        get = cfg.get if isinstance(cfg, dict) else (lambda key, default=None: getattr(cfg, key, default))
+        values = {"root": get("data"), "folds": get("folds", 5), "fold": get("fold", 0), "seed": get("seed", 42),
+                  "relabel": get("relabel"), "drop_ages": get("drop_ages"), "extra": tuple(get("extra") or ()),
+                  "skip_bad": bool(get("skip_bad", False))}
+        return cls(**{**values, **changes})
+
+
 @dataclasses.dataclass
 class FoldData:
     """Checked samples and their image sources for one person-level fold."""
@@ -81,30 +106,31 @@ class FoldData:
     skipped: int = 0
 
 
-def load_fold(data_root, load_size, folds=5, fold=0, seed=42, relabel_csv=None, drop_ages=None, extra_csvs=(),
-              cache_dir=None, use_cache=True, workers=2, skip_bad=False, progress=True, log=print) -> FoldData:
-    """Read, check and split the data: every problem is raised (or skipped) here, before any training.
+def load_fold(spec: DataSpec, load_size, *, cache_dir=None, use_cache=True, workers=2, progress=True,
+              log=print) -> FoldData:
+    """Read, check and split the data a spec names, its photos decoded at load_size (through the cache unless
+    use_cache is false): every problem is raised (or skipped) here, before any training.
 
     Validation holds the fold's competition people; training holds the other people (minus any
     --drop-ages) plus every extra-data photo.
     """
-    check_fold(folds, fold)
-    age_range = data.parse_age_range(drop_ages)
-    samples, problems = data.train_samples(data_root, relabel_csv, log=log)
-    data.raise_or_skip(problems, skip_bad, log, "problem")
+    check_fold(spec.folds, spec.fold)
+    age_range = parse_age_range(spec.drop_ages)
+    samples, problems = data.train_samples(spec.root, spec.relabel, log=log)
+    data.raise_or_skip(problems, spec.skip_bad, log, "problem")
     skipped = len(problems)
-    samples = pd.concat([samples, *(data.read_extra(path) for path in extra_csvs or ())], ignore_index=True)
+    samples = pd.concat([samples, *(data.read_extra(path) for path in spec.extra)], ignore_index=True)
     images, problems = open_images(samples["image_path"], load_size, cache_dir=cache_dir, use_cache=use_cache,
                                    workers=workers, progress=progress, log=log)
-    data.raise_or_skip(problems, skip_bad, log, "bad photo")
+    data.raise_or_skip(problems, spec.skip_bad, log, "bad photo")
     skipped += len(problems)
     good = np.flatnonzero(~samples["image_path"].isin({p.path for p in problems}).to_numpy())
     samples, images = samples.iloc[good].reset_index(drop=True), images.take(good)
 
     is_comp = (samples["source"] == "train").to_numpy()
     fold_of = np.full(len(samples), -1)
-    fold_of[is_comp] = person_folds(samples[is_comp], folds, seed)
-    is_train = fold_of != fold
+    fold_of[is_comp] = person_folds(samples[is_comp], spec.folds, spec.seed)
+    is_train = fold_of != spec.fold
     if age_range is not None:
         dropped = is_train & samples["age"].between(*age_range).to_numpy()
         log(f"--drop-ages {age_range[0]}-{age_range[1]}: {int(dropped.sum())} photos of "
@@ -112,6 +138,6 @@ def load_fold(data_root, load_size, folds=5, fold=0, seed=42, relabel_csv=None, 
         is_train &= ~dropped
     if not is_comp.all():
         log(f"extra data: {int((~is_comp).sum())} photos added to training")
-    train_idx, val_idx = np.flatnonzero(is_train), np.flatnonzero(fold_of == fold)
+    train_idx, val_idx = np.flatnonzero(is_train), np.flatnonzero(fold_of == spec.fold)
     return FoldData(samples.iloc[train_idx].reset_index(drop=True), samples.iloc[val_idx].reset_index(drop=True),
                     images.take(train_idx), images.take(val_idx), skipped)

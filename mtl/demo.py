@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mtl.cli import ArgumentParser
 from mtl.config import CONFIGS
 
 CONFIG = CONFIGS / "demo.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="demo_data", help="demo data folder; made when it holds no train/train.csv")
     parser.add_argument("--people", type=int, default=300, help="train people of a new demo data set")
     parser.add_argument("--out", default="runs/demo", help="run folder; a fresh -2, -3, ... when it is taken")
@@ -73,10 +74,10 @@ def run(args, log=print) -> dict:
          "--workers", str(args.workers)] + ([] if args.progress else ["--no-progress"])), log=log)
     f1 = eval_f1(data, submission)
     scored = f" (18-class macro F1 on the eval people: {f1:.3f})" if f1 is not None else ""
-    log(f"validation F1 {result['best_f1']:.3f}; submission written to {submission}{scored}")
+    log(f"validation F1 {result.best_f1:.3f}; submission written to {submission}{scored}")
     log(f"done: submission {submission}; TensorBoard logs in {out}: open them with `tensorboard --logdir "
         f"{out.parent}` and browse http://localhost:6006")
-    return {"out": out, "submission": submission, "best_f1": result["best_f1"], "eval_f1": f1}
+    return {"out": out, "submission": submission, "best_f1": result.best_f1, "eval_f1": f1}
 
 
 def main(argv=None) -> dict:

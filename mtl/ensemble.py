@@ -14,8 +14,7 @@ import numpy as np
 
 from mtl import labels
 from mtl.errors import ConfigError
-
-METHODS = ("soft", "hard")
+from mtl.names import ENSEMBLES
 
 
 @dataclasses.dataclass
@@ -95,8 +94,8 @@ def hard_vote(answers, weights, tie_scores=None) -> tuple[np.ndarray, np.ndarray
 def combine(member_probs, weights=None, method="soft") -> Ensemble:
     """Soft (mean probabilities, then recombine) or hard (weighted vote, ties to the soft result) ensemble."""
     from mtl.metrics import predict_classes, recombine
-    if method not in METHODS:
-        raise ConfigError(f"--ensemble must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in ENSEMBLES:
+        raise ConfigError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {method!r}")
     weights = check_weights(weights, len(member_probs))
     probs = soft_mean(member_probs, weights)
     soft_joint = np.asarray(recombine(probs))

@@ -15,6 +15,7 @@ A photo is refused (named, like an unreadable one) when a side is below MIN_PHOT
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -151,11 +152,45 @@ class CachedImages:
 
 
 _WORKER_MAPS = {}
-UNWRITTEN = [None] * 5  # an index entry's mtime, size, width, height and checksum before its row is written
+
+
+@dataclasses.dataclass
+class Entry:
+    """One photo's row of the cache, as index.json records it ([row, mtime_ns, file_size, width, height, crc32]):
+    where its pixels lie, and the file they were decoded from; all but the row are None until the row is written."""
+    row: int
+    mtime_ns: int | None = None
+    file_size: int | None = None
+    width: int | None = None  # the photo's size as stored (before the resize to the load size)
+    height: int | None = None
+    crc32: int | None = None  # of the row's bytes
+
+    @property
+    def written(self) -> bool:
+        return self.mtime_ns is not None
+
+    @property
+    def source(self) -> tuple:
+        """(mtime_ns, file size) of the photo the row was decoded from: a changed file is decoded again."""
+        return self.mtime_ns, self.file_size
+
+    def forget(self):
+        """Mark the row unwritten (its photo is decoded again)."""
+        self.mtime_ns = self.file_size = self.width = self.height = self.crc32 = None
+
+    def to_list(self) -> list:
+        return [self.row, self.mtime_ns, self.file_size, self.width, self.height, self.crc32]
+
+    @staticmethod
+    def valid(item, rows: int) -> bool:
+        """Whether an index.json item is an entry of a cache of `rows` rows (unwritten, or all whole numbers)."""
+        if not (isinstance(item, list) and len(item) == 6 and type(item[0]) is int and 0 <= item[0] < rows):
+            return False
+        return item[1:] == [None] * 5 or all(type(v) is int for v in item[1:])
 
 
 def _decode_into(job):
-    """Worker: decode one photo into its row of the pixels file -> (error text or None, [width, height, crc32])."""
+    """Worker: decode one photo into its row of the pixels file -> (error text or None, (width, height, crc32))."""
     pixels_file, rows_total, size, row, path = job
     key = (pixels_file, rows_total)
     if key not in _WORKER_MAPS:
@@ -166,23 +201,23 @@ def _decode_into(job):
     except Exception as exc:  # noqa: BLE001
         return describe_decode_error(exc), None
     _WORKER_MAPS[key][row] = pixels
-    return None, [*stored, zlib.crc32(pixels)]
+    return None, (*stored, zlib.crc32(pixels))
 
 
-def _file_key(path):
+def _file_key(path) -> tuple:
     stat = os.stat(path)
-    return [stat.st_mtime_ns, stat.st_size]
+    return stat.st_mtime_ns, stat.st_size
 
 
 class ImageCache:
     """Every photo decoded once at one load size, kept in `<cache_dir>/<W>x<H>/pixels.u8` + `index.json`.
 
-    The index maps each photo's path to [row, mtime_ns, file size, width, height, crc32 of the row]; all but
-    the row stay null until the row is written (and the index is written only after the rows it names, so a
-    kill mid-fill leaves those photos to decode again). Opening the cache checks it against the index: an
-    unreadable index or a foreign file is rebuilt, rows a truncated file lost are decoded again, rows past
-    the index (a killed fill) are cut off, and a few rows' checksums are compared; no row is served that the
-    cache did not write.
+    The index maps each photo's path to its `Entry` ([row, mtime_ns, file size, width, height, crc32 of the
+    row] in index.json); all but the row stay null until the row is written (and the index is written only
+    after the rows it names, so a kill mid-fill leaves those photos to decode again). Opening the cache checks
+    it against the index: an unreadable index or a foreign file is rebuilt, rows a truncated file lost are
+    decoded again, rows past the index (a killed fill) are cut off, and a few rows' checksums are compared; no
+    row is served that the cache did not write.
     """
 
     def __init__(self, cache_dir=None, size=(192, 256)):
@@ -207,7 +242,7 @@ class ImageCache:
         return {"format": CACHE_FORMAT, "size": list(self.size), "row_bytes": self.row_bytes, "rows": 0, "entries": {}}
 
     def _read_index(self) -> tuple[dict, str | None]:
-        """(the index, None), or (an empty index, why the one on disk cannot be trusted)."""
+        """(the index, its entries as Entry, None), or (an empty index, why the one on disk cannot be trusted)."""
         if not self.index_file.is_file():
             return self._empty_index(), ("index.json is missing" if self.pixels_file.is_file() else None)
         try:
@@ -215,7 +250,10 @@ class ImageCache:
         except (ValueError, UnicodeDecodeError) as exc:
             return self._empty_index(), f"index.json is unreadable ({str(exc).splitlines()[0][:80]})"
         why = self._index_error(index)
-        return (index, None) if why is None else (self._empty_index(), why)
+        if why is not None:
+            return self._empty_index(), why
+        index["entries"] = {path: Entry(*item) for path, item in index["entries"].items()}
+        return index, None
 
     def _index_error(self, index) -> str | None:
         """Why a parsed index is not one this cache wrote, or None."""
@@ -227,12 +265,10 @@ class ImageCache:
         if type(rows) is not int or rows < 0 or not isinstance(entries, dict):
             return "index.json has no valid rows and entries"
         seen = set()
-        for entry in entries.values():
-            ok = isinstance(entry, list) and len(entry) == 6 and type(entry[0]) is int and 0 <= entry[0] < rows
-            ok = ok and (entry[1:] == UNWRITTEN or all(type(v) is int for v in entry[1:]))
-            if not ok or entry[0] in seen:
+        for item in entries.values():
+            if not Entry.valid(item, rows) or item[0] in seen:
                 return "index.json holds an invalid or doubled row"
-            seen.add(entry[0])
+            seen.add(item[0])
         return None
 
     def _open(self, paths, log) -> tuple[dict, bool]:
@@ -246,24 +282,24 @@ class ImageCache:
         entries, expected, changed = index["entries"], index["rows"] * self.row_bytes, why is not None
         found = self.pixels_file.stat().st_size if self.pixels_file.is_file() else 0
         if found < expected:
-            lost = [e for e in entries.values() if e[1] is not None and (e[0] + 1) * self.row_bytes > found]
+            lost = [e for e in entries.values() if e.written and (e.row + 1) * self.row_bytes > found]
             for entry in lost:
-                entry[1:] = UNWRITTEN
+                entry.forget()
             log(f"image cache {self.pixels_file}: holds {found // self.row_bytes} of {index['rows']} rows (truncated?)"
                 f"; decoding {len(lost)} photo(s) again")
             self._grow(index["rows"])  # NOTE: only rows now marked unwritten get the new (zero) space
             changed = True
         elif found > expected:  # NOTE: rows a killed fill added past the index: never recorded, never served
             os.truncate(self.pixels_file, expected)
-        written = [entries[p] for p in dict.fromkeys(paths) if p in entries and entries[p][1] is not None]
+        written = [entries[p] for p in dict.fromkeys(paths) if p in entries and entries[p].written]
         if not written:
             return index, changed
         picks = [written[int(k)] for k in np.unique(np.linspace(0, len(written) - 1, SPOT_CHECKS).round())]
-        last = max((e for e in entries.values() if e[1] is not None), key=lambda e: e[0])
+        last = max((e for e in entries.values() if e.written), key=lambda e: e.row)
         if self._corrupt(picks + [last]):  # NOTE: the last row is where a truncated, then regrown file has zeros
-            bad = self._corrupt([e for e in entries.values() if e[1] is not None])
+            bad = self._corrupt([e for e in entries.values() if e.written])
             for entry in bad:
-                entry[1:] = UNWRITTEN
+                entry.forget()
             log(f"image cache {self.pixels_file}: {len(bad)} row(s) do not match their checksum; decoding them again")
             changed = True
         return index, changed
@@ -272,13 +308,14 @@ class ImageCache:
         """The entries whose row in the pixels file does not match its recorded checksum."""
         fd = os.open(self.pixels_file, os.O_RDONLY)
         try:
-            return [e for e in entries if zlib.crc32(os.pread(fd, self.row_bytes, e[0] * self.row_bytes)) != e[5]]
+            return [e for e in entries if zlib.crc32(os.pread(fd, self.row_bytes, e.row * self.row_bytes)) != e.crc32]
         finally:
             os.close(fd)
 
     def _write_index(self, index):
         from mtl.io import atomic_write_text
-        atomic_write_text(json.dumps(index), self.index_file)
+        entries = {path: entry.to_list() for path, entry in index["entries"].items()}
+        atomic_write_text(json.dumps({**index, "entries": entries}), self.index_file)
 
     def ensure(self, paths, workers=2, progress=True, log=print):
         """Decode every photo that is missing or stale; return (CachedImages for `paths`, [Problem])."""
@@ -290,7 +327,7 @@ class ImageCache:
             raise DataError(f"cannot use the image cache in {self.dir} ({exc.strerror or exc}); pass --cache-dir "
                             f"with another folder, or --no-cache") from None
         bad = {p.path for p in problems}
-        rows = [entries[p][0] if p not in bad else -1 for p in paths]
+        rows = [entries[p].row if p not in bad else -1 for p in paths]
         return CachedImages(self.pixels_file, self.size, rows), problems
 
     def _fill(self, paths, workers, progress, log):
@@ -307,19 +344,22 @@ class ImageCache:
                 continue
             entry = entries.get(path)
             if entry is None:
-                entry = entries[path] = [rows_total, *UNWRITTEN]
+                entry = entries[path] = Entry(rows_total)
                 rows_total += 1
-            if entry[1:3] != key:
+            if entry.source != key:
                 todo.append((path, key))
         if todo:
             self._grow(rows_total)
-            jobs = [(str(self.pixels_file), rows_total, self.size, entries[p][0], p) for p, _ in todo]
-            for (path, key), (error, facts) in zip(todo, self._run(jobs, workers, progress)):
+            jobs = [(str(self.pixels_file), rows_total, self.size, entries[p].row, p) for p, _ in todo]
+            bar = f"caching photos at {self.size[0]}x{self.size[1]}"
+            decoded = map_photos(_decode_into, jobs, workers=workers, progress=progress, desc=bar)
+            for (path, key), (error, facts) in zip(todo, decoded):
                 if error is None:
-                    entries[path][1:] = key + facts
+                    entries[path] = Entry(entries[path].row, *key, *facts)
                 else:
-                    entries[path][1:] = UNWRITTEN
+                    entries[path].forget()
                     problems.append(Problem(path, error))
+            _WORKER_MAPS.clear()
             index["rows"] = rows_total
             with open(self.pixels_file, "rb+") as f:
                 os.fsync(f.fileno())  # NOTE: the rows reach the disk before the index that names them
@@ -327,7 +367,7 @@ class ImageCache:
             self._write_index(index)
         found = {p.path for p in problems}
         for path in dict.fromkeys(paths):
-            error = None if path in found else size_error(*entries[path][3:5])
+            error = None if path in found else size_error(entries[path].width, entries[path].height)
             if error:
                 problems.append(Problem(path, error))
         return entries, problems
@@ -340,44 +380,33 @@ class ImageCache:
                 # NOTE: a memmap write into a sparse file on a full disk is a SIGBUS; fallocate fails cleanly
                 os.posix_fallocate(f.fileno(), have, rows_total * self.row_bytes - have)
 
-    def _run(self, jobs, workers, progress):
-        bar = tqdm(total=len(jobs), desc=f"caching photos at {self.size[0]}x{self.size[1]}", unit="img",
-                   disable=not progress, dynamic_ncols=True)
-        results = []
-        with bar:
-            if workers <= 1 or len(jobs) < 64:
-                for job in jobs:
-                    results.append(_decode_into(job))
+
+
+def map_photos(work, jobs, *, workers, progress, desc) -> list:
+    """[work(job) for job in jobs] with a progress bar: in this process for few jobs or one worker, else in a
+    pool of `workers` processes (photos decode in parallel; results come back in order)."""
+    results = []
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        if workers <= 1 or len(jobs) < 64:
+            for job in jobs:
+                results.append(work(job))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for result in pool.map(work, jobs, chunksize=32):
+                    results.append(result)
                     bar.update()
-            else:
-                with ProcessPoolExecutor(workers) as pool:
-                    for result in pool.map(_decode_into, jobs, chunksize=32):
-                        results.append(result)
-                        bar.update()
-        _WORKER_MAPS.clear()
-        return results
+    return results
 
 
 def check_images(paths, workers=2, progress=True, desc="checking photos"):
     """Decode every photo once (no cache) and return a Problem for each one that fails."""
     paths = list(paths)
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    with bar:
-        if workers <= 1 or len(paths) < 64:
-            errors = []
-            for p in paths:
-                errors.append(image_error(p))
-                bar.update()
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                errors = []
-                for e in pool.map(image_error, paths, chunksize=32):
-                    errors.append(e)
-                    bar.update()
+    errors = map_photos(image_error, paths, workers=workers, progress=progress, desc=desc)
     return [Problem(p, e) for p, e in zip(paths, errors) if e is not None]
 
 
-def open_images(paths, size, cache_dir=None, use_cache=True, workers=2, progress=True, log=print):
+def open_images(paths, size, *, cache_dir=None, use_cache=True, workers=2, progress=True, log=print):
     """Photos at `size` for these paths -> (image source, [Problem]); every photo is checked to decode and be
     at least MIN_PHOTO_SIDE on each side."""
     if use_cache:

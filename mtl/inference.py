@@ -12,20 +12,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mtl.checks import check_device_name
 from mtl.errors import ConfigError
 from mtl.metrics import head_probs
-
-TTA = ("hflip",)
+from mtl.names import AMP_MODES
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda when there is a GPU, else cpu; a device this machine lacks is a one-line ConfigError."""
-    if name == "auto":
+    if check_device_name(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:1, ...") from None
+    device = torch.device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -35,12 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {name}: Apple MPS is not available here; use --device cpu (or auto)")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: only cpu, cuda and mps devices are supported")
     return device
-
-
-AMP_MODES = ("auto", "bf16", "fp16", "off")  # the --amp choices
 
 
 def amp_dtype(amp: str, device: torch.device):
@@ -49,6 +41,8 @@ def amp_dtype(amp: str, device: torch.device):
     'auto' takes fp16 on GPUs without native bfloat16 (before Ampere: T4, V100), where torch emulates it slowly;
     an explicit --amp bf16 there is a ConfigError, as cuDNN has no bfloat16 convolutions for them.
     """
+    if amp not in AMP_MODES:
+        raise ConfigError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
@@ -84,29 +78,21 @@ def to_device(images, device, channels_last=False):
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def check_tta(names) -> tuple:
-    """The TTA views to average, as a tuple; 'none' or nothing means no TTA; an unknown name is a ConfigError."""
-    names = tuple(n for n in (names or ()) if n not in ("none", ""))
-    unknown = [n for n in names if n not in TTA]
-    if unknown:
-        raise ConfigError(f"unknown --tta {', '.join(unknown)}; known: none, {', '.join(TTA)}")
-    return names
-
-
 def prepare_model(model, device, channels_last=False):
     """Move a model to the device in eval mode (channels_last memory on request)."""
     model = model.to(device).eval()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def predict_probs(model, loader, device, dtype=None, channels_last=False, tta=(), progress=False,
+def predict_probs(model, loader, device, *, dtype=None, channels_last=False, tta=(), progress=False,
                   desc="predicting") -> dict:
     """Per-task probabilities (numpy) for every sample of the loader, in loader order; TTA views are averaged."""
-    return predict_probs_many([model], loader, device, dtype, channels_last, tta, progress, desc)[0]
+    return predict_probs_many([model], loader, device, dtype=dtype, channels_last=channels_last, tta=tta,
+                              progress=progress, desc=desc)[0]
 
 
 @torch.inference_mode()
-def predict_probs_many(models, loader, device, dtype=None, channels_last=False, tta=(), progress=False,
+def predict_probs_many(models, loader, device, *, dtype=None, channels_last=False, tta=(), progress=False,
                        desc="predicting") -> list[dict]:
     """predict_probs for several models in one pass over the loader: each batch is decoded and transformed once."""
     for model in models:

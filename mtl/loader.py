@@ -10,7 +10,8 @@ main process as it arrives: into one of a few buffers it reuses, or on CUDA into
 (where torch's pin step would copy anyway; asked for where there is no CUDA, pinning is left out).
 S = workers x prefetch + 1 is enough because DataLoader never has more than workers x prefetch batches
 sent and not yet returned, and batch k is copied out before batch k + workers x prefetch + 1 is sent;
-every copy checks that its slot still holds the batch it was written for.
+every copy checks that its slot still holds the batch it was written for. `balanced_sampler` is the
+--sampler balanced draw of an epoch's photos.
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    WeightedRandomSampler,
     default_collate,
     get_worker_info,
 )
+
+from mtl import labels
 
 PREFETCH = 2  # batches each worker prepares ahead (DataLoader's prefetch_factor)
 
@@ -194,7 +198,7 @@ class BatchLoader:
             yield ring.take(batch, buffers)
 
 
-def make_loader(dataset, batch_size, workers=2, shuffle=False, sampler=None, generator=None, drop_last=False,
+def make_loader(dataset, batch_size, workers=2, *, shuffle=False, sampler=None, generator=None, drop_last=False,
                 device=None, pin_memory=None) -> BatchLoader:
     """Batches of the dataset: in order, shuffled, or drawn by `sampler`; pinned by default when device is CUDA."""
     if sampler is None:
@@ -202,3 +206,13 @@ def make_loader(dataset, batch_size, workers=2, shuffle=False, sampler=None, gen
     if pin_memory is None:
         pin_memory = device is not None and device.type == "cuda"
     return BatchLoader(dataset, batch_size, workers, sampler, generator, drop_last, pin_memory)
+
+
+def balanced_sampler(dataset, num_samples, generator) -> WeightedRandomSampler:
+    """Draw each 18-class combination of a FaceDataset about equally often (samples with unknown labels by their mask
+    class)."""
+    joint = labels.encode(dataset.mask, dataset.gender, dataset.age_group)
+    keys = np.where(joint >= 0, joint, 100 + dataset.mask)
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    weights = torch.as_tensor(1.0 / counts[inverse], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples, replacement=True, generator=generator)

@@ -14,38 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl import labels
+from mtl import labels, names
+from mtl.checks import check_loss_spec
 from mtl.errors import ConfigError
 from mtl.model import AGE_SCALE
-
-LOSS_OPTIONS = {
-    "ce": {"label_smoothing", "class_weights"},
-    "focal": {"gamma", "class_weights"},
-    "soft_f1": {"ce_weight", "class_weights"},
-    "bce": {"pos_weight", "label_smoothing"},
-    "asl": {"gamma_pos", "gamma_neg", "eps", "class_weights"},
-    "arcface": {"scale", "margin", "class_weights"},
-}
-GENDER_ONLY = {"bce"}
-NOT_GENDER = {"arcface"}  # NOTE: ArcFace needs one class centre per class; gender has a single logit
-
-
-def check_loss_spec(task: str, spec: dict):
-    """Raise ConfigError for an unknown loss name or option, naming the task."""
-    name = spec.get("name")
-    if name not in LOSS_OPTIONS:
-        raise ConfigError(f"unknown loss {name!r} for {task}; known: {', '.join(sorted(LOSS_OPTIONS))}")
-    if name in GENDER_ONLY and task != "gender":
-        raise ConfigError(f"loss {name!r} is for the binary gender task only, not {task}")
-    if name in NOT_GENDER and task == "gender":
-        raise ConfigError(f"loss {name!r} is for mask, age or joint, not the single-logit gender task")
-    unknown = set(spec) - {"name"} - LOSS_OPTIONS[name]
-    if unknown:
-        raise ConfigError(f"loss {name!r} for {task} has no option(s) {', '.join(sorted(unknown))}; "
-                          f"it takes {', '.join(sorted(LOSS_OPTIONS[name])) or 'none'}")
-    for key in ("gamma", "label_smoothing", "ce_weight", "gamma_pos", "gamma_neg", "eps", "scale", "margin"):
-        if key in spec and not (isinstance(spec[key], (int, float)) and spec[key] >= 0):
-            raise ConfigError(f"loss option {key} for {task} must be a number >= 0, got {spec[key]!r}")
 
 
 def balanced_weights(counts) -> torch.Tensor:
@@ -211,6 +183,7 @@ def _build_arcface(spec, counts, k):
                    spec.get("margin", 0.3))
 
 
+# loss name -> builder; the names and the options each takes are names.LOSS_OPTIONS
 LOSSES = {"ce": _build_ce, "focal": _build_focal, "soft_f1": _build_soft_f1, "bce": _build_bce,
           "asl": _build_asl, "arcface": _build_arcface}
 
@@ -237,15 +210,14 @@ def joint_consistency(targets) -> torch.Tensor:
     return ok
 
 
-WEIGHTINGS = ("fixed", "uncertainty")  # the --loss-weighting choices: given weights, or learned ones (MultiTaskLoss)
-
-
 class MultiTaskLoss(nn.Module):
     """Weighted (or uncertainty-weighted) sum of the per-task losses over one batch."""
 
     def __init__(self, task_losses: dict, weights=(1.0, 1.0, 1.0), weighting="fixed",
                  age_reg_weight=0.0):
         super().__init__()
+        if weighting not in names.WEIGHTINGS:
+            raise ConfigError(f"unknown --loss-weighting {weighting!r}; known: {', '.join(names.WEIGHTINGS)}")
         self.losses = nn.ModuleDict(task_losses)
         self.fixed = dict(zip(labels.TASKS, weights))
         self.fixed["joint"] = 1.0

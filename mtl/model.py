@@ -13,13 +13,14 @@ HEADS by name and get both the trunk's feature map and its pooled features, so a
 from __future__ import annotations
 
 import difflib
+import os
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl import labels
+from mtl import labels, names
 from mtl.errors import ConfigError
 
 AGE_MEAN, AGE_SCALE = 40.0, 20.0  # NOTE: the regression head predicts (age - 40) / 20, a unit-scale target
@@ -78,7 +79,7 @@ class CosineHead(nn.Module):
         return self.scale * cosine
 
 
-HEADS = {"linear": LinearHead, "ml_decoder": MLDecoderHead}
+HEADS = {"linear": LinearHead, "ml_decoder": MLDecoderHead}  # the --head choices (names.HEADS)
 
 
 class Trunk(nn.Module):
@@ -129,7 +130,7 @@ class TaskModel(nn.Module):
         return out
 
 
-# architecture name -> (number of trunks, {output: index of the trunk that feeds it}); --arch chooses one
+# architecture name -> (number of trunks, {output: index of the trunk that feeds it}); --arch chooses one (names.ARCHS)
 ARCHS = {"multihead": (1, {"mask": 0, "gender": 0, "age": 0}),
          "joint18": (1, {"joint": 0}),
          "separate": (3, {"mask": 0, "gender": 1, "age": 2})}
@@ -138,7 +139,7 @@ ARCHS = {"multihead": (1, {"mask": 0, "gender": 0, "age": 0}),
 def plan_for(arch: str, age_reg: bool) -> tuple[int, dict]:
     """(number of trunks, {output: trunk index}) for an architecture of ARCHS."""
     if arch not in ARCHS:
-        raise ConfigError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown --arch {arch!r}; known: {', '.join(names.ARCHS)}")
     n, plan = ARCHS[arch][0], dict(ARCHS[arch][1])
     if age_reg:
         plan["age_reg"] = plan.get("age", 0)
@@ -153,16 +154,17 @@ def check_model_name(name: str):
         raise ConfigError(f"unknown --model {name!r}{hint}")
 
 
-def check_model_config(cfg):
-    """Check the model keys of a TrainConfig before anything is built (config.validate has checked arch and head)."""
-    check_model_name(cfg.model)
-    if cfg.pretrained_file and not __import__("os").path.isfile(cfg.pretrained_file):
-        raise ConfigError(f"--pretrained-file not found: {cfg.pretrained_file}")
+def check_trunk(name: str, pretrained_file=None):
+    """The trunk a run asks for can be built: timm knows the name, the weights file exists (checked where models are
+    built, as timm does, not with the config: mtl.config stays light)."""
+    check_model_name(name)
+    if pretrained_file and not os.path.isfile(pretrained_file):
+        raise ConfigError(f"--pretrained-file not found: {pretrained_file}")
 
 
 def create_backbone(name, pretrained=True, pretrained_file=None, drop_path_rate=0.0):
     """A timm model without classifier; pretrained weights from the hub or a local file, never silently random."""
-    check_model_name(name)
+    check_trunk(name, pretrained_file)
     kwargs = {"num_classes": 0}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -226,7 +228,7 @@ def create_model(model="efficientnet_b3", arch="multihead", pretrained=True, pre
     `frozen_blocks` freezes each trunk's stem and first block groups (freeze_blocks)."""
     n_trunks, plan = plan_for(arch, age_reg)
     if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; known: {', '.join(sorted(HEADS))}")
+        raise ConfigError(f"unknown head {head!r}; known: {', '.join(names.HEADS)}")
     trunks = [Trunk(freeze_blocks(create_backbone(model, pretrained, pretrained_file, drop_path_rate), frozen_blocks,
                                   model)) for _ in range(n_trunks)]
     data_cfg = timm.data.resolve_data_config({}, model=trunks[0].backbone)
@@ -269,11 +271,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def channels_last_ok(device: torch.device) -> bool:
-    return device.type == "cuda"

@@ -3,11 +3,12 @@
 `submission_table` is the competition's ImageID,ans; `probs_table`/`read_probs` are the probability files
 (one row per photo and ensemble member: ImageID, checkpoint, age_threshold, mask_0..2, gender_0..1,
 age_0..2, + joint_0..17 and age_reg when the model has them) that `predict.py --from-probs` ensembles
-again. `check_output` checks an output path before any compute; `write_outputs` writes several outputs
-so that one that fails (a full disk) is named after the others are written.
+again, each member read back as a `SavedMember`. `check_output` checks an output path before any compute;
+`write_all` writes several outputs so that one that fails (a full disk) is named after the others are written.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def check_output(path, flag="--out") -> Path:
     return path
 
 
-def write_outputs(writes, log=print):
+def write_all(writes, log=print):
     """Run each (path, write, message) in turn; one that fails (a full disk) is named after the others are written."""
     failed = []
     for path, write, message in writes:
@@ -66,8 +67,18 @@ def probs_table(image_ids, probs: dict, checkpoint: str, schema: labels.LabelSch
     return pd.DataFrame(table)
 
 
-def read_probs(paths) -> tuple[list, list[dict]]:
-    """Probability files -> (ImageIDs, [{'name', 'schema', 'probs'}]); all members list the same photos, one schema.
+@dataclasses.dataclass(frozen=True)
+class SavedMember:
+    """One ensemble member read back from a probability file: its name ('file [checkpoint]'), its label schema (None
+    when the file has no age_threshold column), its per-task probabilities and the photos they answer."""
+    name: str
+    schema: labels.LabelSchema | None
+    probs: dict
+    image_ids: list
+
+
+def read_probs(paths) -> tuple[list, list[SavedMember]]:
+    """Probability files -> (ImageIDs, [SavedMember]); all members list the same photos, with one schema.
 
     A file without the age_threshold column (written by hand) is taken to share the others' schema.
     """
@@ -99,17 +110,16 @@ def read_probs(paths) -> tuple[list, list[dict]]:
                     schema = labels.LabelSchema(found[0])
                 except ConfigError as exc:
                     raise DataError(f"{member_name}: column age_threshold: {exc}") from None
-            members.append({"name": member_name, "schema": schema, "probs": probs,
-                            "image_ids": part["ImageID"].tolist()})
+            members.append(SavedMember(member_name, schema, probs, part["ImageID"].tolist()))
     first = members[0]
     for other in members[1:]:
-        if other["image_ids"] != first["image_ids"]:
-            raise DataError(f"{other['name']} and {first['name']} do not list the same photos in the same order; "
+        if other.image_ids != first.image_ids:
+            raise DataError(f"{other.name} and {first.name} do not list the same photos in the same order; "
                             f"only probabilities of one data set can be ensembled")
-    known = [(m["name"], m["schema"]) for m in members if m["schema"] is not None]
+    known = [(m.name, m.schema) for m in members if m.schema is not None]
     if known:
         labels.check_same_schema(known)
-    return first["image_ids"], members
+    return first.image_ids, members
 
 
 # ---------------------------------------------------------------- the submission

@@ -1,7 +1,8 @@
 """Figures people would rather look at: confusion matrices and grids of misclassified photos.
 
-Each function returns a matplotlib Figure, which TensorBoard logs (`add_figure`) and reports save
-as PNG (`save_png`). Uses the non-interactive Agg backend, so it runs on machines with no screen.
+Each function returns a matplotlib Figure, which TensorBoard logs (`add_figure`; `epoch_figures` are a
+training epoch's) and reports save as PNG (`save_png`). Uses the non-interactive Agg backend, so it runs on
+machines with no screen.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from mtl import labels  # noqa: E402
 
 
 def confusion_figure(cm: np.ndarray, names, title="") -> plt.Figure:
@@ -50,6 +53,31 @@ def photo_grid(images, captions, title="", columns=8) -> plt.Figure:
     if title:
         fig.suptitle(title)
     return fig
+
+
+def epoch_figures(val_set, probs, epoch, log_images) -> dict:
+    """{TensorBoard tag: figure} of a validation pass: confusion matrices per task and for the 18 classes, and
+    the `log_images` most confident mistakes (val_set: a dataset.FaceDataset; probs: its per-task probabilities)."""
+    from mtl.metrics import confusion, predict_classes, recombine
+    schema = val_set.schema
+    pred = predict_classes(probs)
+    truth_joint = schema.encode(val_set.mask, val_set.gender, val_set.age_group)
+    parts = dict(zip(labels.TASKS, schema.decode(pred)))
+    truths = {"mask": val_set.mask, "gender": val_set.gender, "age": val_set.age_group}
+    figures = {f"confusion/{task}": confusion_figure(confusion(truths[task], parts[task], len(names)), names,
+                                                     f"{task} (epoch {epoch})")
+               for task, names in schema.class_names.items()}
+    names18 = schema.joint_names
+    figures["confusion/18_classes"] = confusion_figure(confusion(truth_joint, pred, labels.NUM_JOINT), names18,
+                                                       f"18 classes (epoch {epoch})")
+    wrong = np.flatnonzero(pred != truth_joint)
+    if len(wrong) and log_images:
+        joint = recombine(probs)
+        worst = wrong[np.argsort(-joint[wrong, pred[wrong]])][:log_images]
+        captions = [f"true {names18[truth_joint[i]]}\npred {names18[pred[i]]} ({joint[i, pred[i]]:.2f})" for i in worst]
+        title = f"most confident mistakes, epoch {epoch} (age threshold {schema.age_threshold})"
+        figures["misclassified"] = photo_grid([val_set.pixels(i) for i in worst], captions, title)
+    return figures
 
 
 def save_png(fig, path):

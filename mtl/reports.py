@@ -9,6 +9,7 @@ and for the 18 classes, and report.md, which links them all.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,42 +20,50 @@ from mtl import labels
 from mtl.ensemble import Ensemble
 from mtl.errors import DataError
 from mtl.io import atomic_write_csv, atomic_write_text
-from mtl.members import load_size_of
 from mtl.metrics import confusion, per_class_report, score
 
 
 # ---------------------------------------------------------------- one fold's validation people
-def validation_fold(members, data_root, fold=None, folds=None, seed=None, relabel=None, cache_dir=None,
-                    use_cache=True, workers=2, progress=True, skip_bad=None, log=print):
-    """(validation samples, {load size: images}, (fold, folds, seed)) of one person-level fold, as training split it.
+@dataclasses.dataclass
+class ValidationFold:
+    """One person-level fold's validation photos as training split them, decoded at each members' load size."""
+    samples: pd.DataFrame
+    sources: dict  # {load size: images aligned with samples}
+    fold: int
+    folds: int
+    seed: int
+
+
+def validation_fold(members, data_root, *, fold=None, folds=None, seed=None, relabel=None, skip_bad=None,
+                    cache_dir=None, use_cache=True, workers=2, progress=True, log=print) -> ValidationFold:
+    """The validation people of one person-level fold, as training split them.
 
     fold, folds, seed, relabel and skip_bad default to the first checkpoint's training config.
     """
-    from mtl.dataset import load_fold
-    cfg = members[0]["config"]
-    skip_bad = bool(cfg.get("skip_bad", False)) if skip_bad is None else skip_bad
-    fold = cfg.get("fold", 0) if fold is None else fold
-    folds = cfg.get("folds", 5) if folds is None else folds
-    seed = cfg.get("seed", 42) if seed is None else seed
-    if relabel is None:
-        relabel = cfg.get("relabel")
-    relabel = None if relabel in ("", "none") else relabel
+    from mtl.dataset import DataSpec, load_fold
+    cfg = members[0].config
+    relabel = cfg.get("relabel") if relabel is None else relabel
+    spec = DataSpec(root=data_root, fold=cfg.get("fold", 0) if fold is None else fold,
+                    folds=cfg.get("folds", 5) if folds is None else folds,
+                    seed=cfg.get("seed", 42) if seed is None else seed,
+                    relabel=None if relabel in ("", "none") else relabel,
+                    skip_bad=bool(cfg.get("skip_bad", False)) if skip_bad is None else skip_bad)
     for member in members:
-        own = tuple(member["config"].get(k) for k in ("fold", "folds", "seed"))
-        if own != (fold, folds, seed):
-            log(f"warning: {member['path']} was validated on fold {own[0]} of {own[1]} (seed {own[2]}), not fold "
-                f"{fold} of {folds} (seed {seed}): some of these validation people were in its training set, so "
-                f"its scores here are optimistic")
+        own = tuple(member.config.get(k) for k in ("fold", "folds", "seed"))
+        if own != (spec.fold, spec.folds, spec.seed):
+            log(f"warning: {member.path} was validated on fold {own[0]} of {own[1]} (seed {own[2]}), not fold "
+                f"{spec.fold} of {spec.folds} (seed {spec.seed}): some of these validation people were in its "
+                f"training set, so its scores here are optimistic")
     samples, sources = None, {}
-    for size in dict.fromkeys(load_size_of(m) for m in members):
-        part = load_fold(data_root, size, folds, fold, seed, relabel_csv=relabel, cache_dir=cache_dir,
-                         use_cache=use_cache, workers=workers, skip_bad=skip_bad, progress=progress, log=log)
+    for size in dict.fromkeys(m.load_size for m in members):
+        part = load_fold(spec, size, cache_dir=cache_dir, use_cache=use_cache, workers=workers, progress=progress,
+                         log=log)
         if samples is None:
             samples = part.val_samples
         sources[size] = part.val_images
     if len(samples) == 0:
-        raise DataError(f"fold {fold} of {folds} holds no validation photos")
-    return samples, sources, (fold, folds, seed)
+        raise DataError(f"fold {spec.fold} of {spec.folds} holds no validation photos")
+    return ValidationFold(samples, sources, spec.fold, spec.folds, spec.seed)
 
 
 def truth_of(samples: pd.DataFrame, schema: labels.LabelSchema) -> dict:
@@ -90,7 +99,7 @@ def people_table(samples, truth, result: Ensemble, schema: labels.LabelSchema) -
 
 
 # ---------------------------------------------------------------- the report
-def write_report(report_dir, samples, images, result: Ensemble, schema: labels.LabelSchema, info: dict,
+def write_report(report_dir, *, samples, images, result: Ensemble, schema: labels.LabelSchema, info: dict,
                  n_mistakes=48) -> dict:
     """Write metrics.json, per_class.csv, predictions.csv, mistakes.csv/png, people.csv, confusion PNGs, report.md."""
     from mtl.plots import confusion_figure, photo_grid, save_png
@@ -135,12 +144,12 @@ def write_report(report_dir, samples, images, result: Ensemble, schema: labels.L
         save_png(fig, report_dir / name)
     people = people_table(samples, truth, result, schema)
     atomic_write_csv(people, report_dir / "people.csv")
-    atomic_write_text(report_markdown(info, metrics, per_class, people, len(wrong), len(shown)),
+    atomic_write_text(report_markdown(info, metrics, per_class, people, n_wrong=len(wrong), n_shown=len(shown)),
                       report_dir / "report.md")
     return metrics
 
 
-def report_markdown(info, metrics, per_class, people, n_wrong, n_shown) -> str:
+def report_markdown(info, metrics, per_class, people, *, n_wrong, n_shown) -> str:
     """report.md: the headline metrics, per-class F1, the people most often wrong, links to every file."""
     members = "\n".join(f"- `{p}`" for p in info["checkpoints"])
     lines = [f"# Validation report: fold {info['fold']} of {info['folds']} (seed {info['seed']})", "",

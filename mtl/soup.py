@@ -14,15 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-import torch
-
-from mtl import checkpoint as ckpt_io
-from mtl.cli import add_fold_flags, add_inference_arguments, add_tta_flags
+from mtl.cli import ArgumentParser, add_fold_flags, add_inference_arguments, add_tta_flags
 from mtl.errors import ConfigError
-from mtl.members import check_face_crop, load_members, load_size_of
-from mtl.outputs import check_output, write_outputs
-from mtl.reports import truth_of, validation_fold
 
 SAME_KEYS = ("arch", "model", "head")
 
@@ -32,20 +27,21 @@ def check_ingredients(members):
     first = members[0]
     for other in members[1:]:
         for key in SAME_KEYS:
-            if other["config"].get(key) != first["config"].get(key):
-                raise ConfigError(f"{other['path']} has --{key} {other['config'].get(key)} but {first['path']} has "
-                                  f"{first['config'].get(key)}: a soup averages the weights of one architecture")
-        differ = sorted(set(other["model"]) ^ set(first["model"]))
+            if other.config.get(key) != first.config.get(key):
+                raise ConfigError(f"{other.path} has --{key} {other.config.get(key)} but {first.path} has "
+                                  f"{first.config.get(key)}: a soup averages the weights of one architecture")
+        differ = sorted(set(other.checkpoint["model"]) ^ set(first.checkpoint["model"]))
         if differ:
-            raise ConfigError(f"{other['path']} and {first['path']} hold different parameters ({len(differ)} differ, "
+            raise ConfigError(f"{other.path} and {first.path} hold different parameters ({len(differ)} differ, "
                               f"e.g. {differ[0]}; age regression on in one only?): their weights cannot be averaged")
-        if other["preprocess"] != first["preprocess"]:
-            raise ConfigError(f"{other['path']} was trained with preprocessing {other['preprocess']} but "
-                              f"{first['path']} with {first['preprocess']}: a soup has one input pipeline")
+        if other.preprocess != first.preprocess:
+            raise ConfigError(f"{other.path} was trained with preprocessing {other.preprocess} but "
+                              f"{first.path} with {first.preprocess}: a soup has one input pipeline")
 
 
 def average_states(states) -> dict:
     """Uniform average of state dicts; integer buffers (e.g. BatchNorm's num_batches_tracked) are the first's."""
+    import torch
     out = {}
     for key, value in states[0].items():
         if torch.is_floating_point(value):
@@ -59,20 +55,21 @@ def average_states(states) -> dict:
 class SoupScorer:
     """Scores weights on one fold's validation photos: the loader, device and model are built once."""
 
-    def __init__(self, template, samples, images, batch_size=64, workers=2, device="auto", amp="auto", tta=(),
+    def __init__(self, template, samples, images, *, batch_size=64, workers=2, device="auto", amp="auto", tta=(),
                  progress=True):
         from mtl.dataset import FaceDataset
         from mtl.inference import amp_dtype, prepare_model, resolve_device
         from mtl.loader import make_loader
+        from mtl.reports import truth_of
         from mtl.transforms import eval_transform
         self.device = resolve_device(device)
         self.dtype, self.channels_last = amp_dtype(amp, self.device), self.device.type == "cuda"
         self.tta, self.progress = tta, progress
-        self.schema = ckpt_io.label_schema(template)
-        dataset = FaceDataset(samples, images, eval_transform(template["preprocess"]), self.schema)
+        self.schema = template.schema
+        dataset = FaceDataset(samples, images, eval_transform(template.preprocess), self.schema)
         self.loader = make_loader(dataset, batch_size, workers, device=self.device)
         self.truth = truth_of(samples, self.schema)
-        self.model = prepare_model(ckpt_io.build_model(template), self.device, self.channels_last)
+        self.model = prepare_model(template.build_model(), self.device, self.channels_last)
 
     def __call__(self, state: dict, desc="scoring") -> dict:
         """Validation metrics (metrics.score) of these weights."""
@@ -80,30 +77,41 @@ class SoupScorer:
         from mtl.metrics import score
         from mtl.model import clean_state_dict
         self.model.load_state_dict(clean_state_dict(state))
-        probs = predict_probs(self.model, self.loader, self.device, self.dtype, self.channels_last, self.tta,
-                              self.progress, desc)
+        probs = predict_probs(self.model, self.loader, self.device, dtype=self.dtype, channels_last=self.channels_last,
+                              tta=self.tta, progress=self.progress, desc=desc)
         return score(probs, self.truth, self.schema)
 
 
-def greedy_soup(members, scorer, log=print) -> dict:
-    """Steps 1-4 of the module docstring; returns {'state', 'metrics', 'kept', 'table'}."""
+@dataclasses.dataclass
+class Soup:
+    """A greedy soup: its weights and validation metrics, the ingredients kept (positions in the list given), and the
+    decisions in the order they were taken (rows: path, f1, soup_f1, kept), with every ingredient's own metrics."""
+    state: dict
+    metrics: dict
+    kept: list
+    table: list
+    scores: list
+
+
+def greedy_soup(members, scorer, log=print) -> Soup:
+    """Steps 1-4 of the module docstring."""
     from mtl.model import clean_state_dict
-    states = [clean_state_dict(m["model"]) for m in members]
+    states = [clean_state_dict(m.checkpoint["model"]) for m in members]
     scores = [scorer(state, f"ingredient {i + 1}/{len(members)}") for i, state in enumerate(states)]
     order = sorted(range(len(members)), key=lambda i: -scores[i]["f1"])  # NOTE: stable, ties keep the given order
     kept, soup_state, soup_metrics = [order[0]], states[order[0]], scores[order[0]]
-    table = [{"path": members[order[0]]["path"], "f1": scores[order[0]]["f1"], "soup_f1": soup_metrics["f1"],
+    table = [{"path": members[order[0]].path, "f1": scores[order[0]]["f1"], "soup_f1": soup_metrics["f1"],
               "kept": True}]
     for i in order[1:]:
         candidate = average_states([states[k] for k in kept + [i]])
         metrics = scorer(candidate, f"soup + ingredient {len(table) + 1}/{len(members)}")
         keep = metrics["f1"] >= soup_metrics["f1"]
-        table.append({"path": members[i]["path"], "f1": scores[i]["f1"], "soup_f1": metrics["f1"], "kept": keep})
+        table.append({"path": members[i].path, "f1": scores[i]["f1"], "soup_f1": metrics["f1"], "kept": keep})
         if keep:
             kept.append(i)
             soup_state, soup_metrics = candidate, metrics
     log(format_table(table))
-    return {"state": soup_state, "metrics": soup_metrics, "kept": kept, "table": table, "scores": scores}
+    return Soup(soup_state, soup_metrics, kept, table, scores)
 
 
 def format_table(table) -> str:
@@ -115,36 +123,41 @@ def format_table(table) -> str:
     return "\n".join(lines)
 
 
-def make_soup(args, log=print) -> dict:
+def make_soup(args, log=print) -> Soup:
     """Check every input, score the ingredients, build the greedy soup and write it as a checkpoint."""
-    from mtl.inference import check_tta
+    from mtl import checkpoint as ckpt_io
+    from mtl.members import check_face_crop, load_members
+    from mtl.names import check_tta
+    from mtl.outputs import check_output, write_all
+    from mtl.reports import validation_fold
     tta = check_tta(args.tta)
     members = load_members(args.checkpoints)
     check_ingredients(members)
     out = check_output(args.out)
     check_face_crop(members, args.data, log)
-    samples, sources, split = validation_fold(members, args.data, args.fold, args.folds, args.seed, args.relabel,
-                                              args.cache_dir, args.cache, args.workers, args.progress,
-                                              args.skip_bad, log)
-    log(f"greedy soup of {len(members)} ingredient(s) on fold {split[0]} of {split[1]} (seed {split[2]}): "
+    split = validation_fold(members, args.data, fold=args.fold, folds=args.folds, seed=args.seed, relabel=args.relabel,
+                            skip_bad=args.skip_bad, cache_dir=args.cache_dir, use_cache=args.cache,
+                            workers=args.workers, progress=args.progress, log=log)
+    samples = split.samples
+    log(f"greedy soup of {len(members)} ingredient(s) on fold {split.fold} of {split.folds} (seed {split.seed}): "
         f"{len(samples)} photos of {samples['person_id'].nunique()} people")
-    scorer = SoupScorer(members[0], samples, sources[load_size_of(members[0])], args.batch_size, args.workers,
-                        args.device, args.amp, tta, args.progress)
+    scorer = SoupScorer(members[0], samples, split.sources[members[0].load_size], batch_size=args.batch_size,
+                        workers=args.workers, device=args.device, amp=args.amp, tta=tta, progress=args.progress)
     soup = greedy_soup(members, scorer, log)
-    best = members[soup["kept"][0]]
-    validation = {"fold": split[0], "folds": split[1], "seed": split[2], "tta": list(tta), "table": soup["table"]}
-    record = {"model": soup["state"], "config": best["config"], "schema": best["schema"],
-              "preprocess": best["preprocess"], "epoch": best.get("epoch"), "metrics": soup["metrics"],
-              "soup": [members[i]["path"] for i in soup["kept"]], "soup_validation": validation}
-    write_outputs([(out, lambda: ckpt_io.save(record, out),
-                    f"wrote {out}: soup of {len(soup['kept'])} of {len(members)} ingredient(s), validation 18-class "
-                    f"F1 {soup['metrics']['f1']:.4f} (best ingredient {soup['table'][0]['f1']:.4f})")], log)
+    best = members[soup.kept[0]].checkpoint
+    validation = {"fold": split.fold, "folds": split.folds, "seed": split.seed, "tta": list(tta), "table": soup.table}
+    record = {"model": soup.state, "config": best["config"], "schema": best["schema"],
+              "preprocess": best["preprocess"], "epoch": best.get("epoch"), "metrics": soup.metrics,
+              "soup": [members[i].path for i in soup.kept], "soup_validation": validation}
+    write_all([(out, lambda: ckpt_io.save(record, out),
+                f"wrote {out}: soup of {len(soup.kept)} of {len(members)} ingredient(s), validation 18-class "
+                f"F1 {soup.metrics['f1']:.4f} (best ingredient {soup.table[0]['f1']:.4f})")], log)
     return soup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mtl.soup", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m mtl.soup", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", "--checkpoint", nargs="+", action="extend", required=True, metavar="PATH",
                         help="ingredient checkpoints or globs (same architecture, trunk, head and preprocessing)")
     parser.add_argument("--data", default="data", help="data folder the ingredients were trained on")
@@ -155,7 +168,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> Soup:
     """python -m mtl.soup: parse the command line (argv, default sys.argv) and make the soup."""
     return make_soup(get_args_parser().parse_args(argv))
 

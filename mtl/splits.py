@@ -11,17 +11,10 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from mtl import labels
+from mtl.checks import check_fold
 from mtl.errors import ConfigError
 
 STRATIFY_THRESHOLD = labels.DEFAULT_AGE_THRESHOLD
-
-
-def check_fold(folds: int, fold: int):
-    """Raise ConfigError unless 2 <= folds and 0 <= fold < folds."""
-    if int(folds) < 2:
-        raise ConfigError(f"--folds must be at least 2, got {folds}")
-    if not 0 <= int(fold) < int(folds):
-        raise ConfigError(f"--fold must be from 0 to {int(folds) - 1} for --folds {folds}, got {fold}")
 
 
 def person_folds(samples: pd.DataFrame, folds: int = 5, seed: int = 42) -> np.ndarray:

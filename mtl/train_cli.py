@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtl.cli import add_train_arguments, overrides_from_args
+from mtl.cli import ArgumentParser, add_train_arguments, overrides_from_args
 
 DESCRIPTION = """Train the multi-task face-attribute model (mask x gender x age -> 18 classes).
 
@@ -24,7 +24,7 @@ runs/<time>_<model>_<arch>); --resume continues a run where its last.pt lies. Ex
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", help="YAML config (see configs/); flags override its keys (default: "
                                                "none, configs/default.yaml's values)")
     add_train_arguments(parser)
@@ -46,6 +46,7 @@ def resolve_config(args):
 def main(argv=None):
     """train_multitask.py: parse the command line (argv, default sys.argv), train, say where the outputs are."""
     args = get_args_parser().parse_args(argv)
+    cfg = resolve_config(args)  # NOTE: every flag checked before the training stack (torch, timm) is imported
     from mtl.train import train
-    result = train(resolve_config(args))
-    print(f"best 18-class macro F1 {result['best_f1']:.4f}; outputs in {result['out']}")
+    result = train(cfg)
+    print(f"best 18-class macro F1 {result.best_f1:.4f}; outputs in {result.out}")

@@ -6,31 +6,19 @@ load-size pixels, `img_size` [W, H] (network input), `mean`/`std` (the trunk's n
 model applies itself to the uint8 tensors these pipelines make), and `face_crop` (the crop_faces
 settings the data was made with, or None). Training adds a named
 augmentation preset between the crop and the resize; evaluation and predict.py use
-`eval_transform(record)` and nothing else, so inference can never drift from training.
+`eval_transform(record)` and nothing else, so inference can never drift from training. Whole
+batches are mixed (--mixup, --cutmix) by `mix_batch`.
 """
 from __future__ import annotations
 
 import albumentations as A
 import cv2
+import torch
 from albumentations.pytorch import ToTensorV2
 
+from mtl import names
+from mtl.checks import size_pair
 from mtl.errors import ConfigError
-
-
-def size_pair(value, flag="--img-size"):
-    """24 / [24] / [W, H] -> (W, H) positive ints, or a ConfigError naming the flag."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, (int, float, str)) else list(value)
-    try:
-        pair = [int(v) for v in items]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag} must be one or two whole numbers (W H), got {value!r}") from None
-    if len(pair) == 1:
-        pair = pair * 2
-    if len(pair) != 2 or min(pair) < 8:
-        raise ConfigError(f"{flag} must be one or two whole numbers >= 8 (W H), got {value!r}")
-    return tuple(pair)
 
 
 def make_preprocess(img_size, load_size=None, center_crop=None, mean=(0.485, 0.456, 0.406),
@@ -85,7 +73,7 @@ def _cutout():
                             hole_width_range=(0.05, 0.15), fill="random_uniform", p=0.3)]
 
 
-AUGMENTATIONS = {
+AUGMENTATIONS = {  # the --augment presets (names.AUGMENTATIONS)
     "none": lambda: [],
     "flip": _flip,
     "baseline": lambda: _flip() + _geometry() + _photometric(),
@@ -100,7 +88,7 @@ AUGMENTATIONS = {
 def check_augment(name: str) -> str:
     """Return the preset name, or a ConfigError that lists the known ones."""
     if name not in AUGMENTATIONS:
-        raise ConfigError(f"unknown augment preset {name!r}; known: {', '.join(sorted(AUGMENTATIONS))}")
+        raise ConfigError(f"unknown augment preset {name!r}; known: {', '.join(names.AUGMENTATIONS)}")
     return name
 
 
@@ -112,3 +100,23 @@ def train_transform(record: dict, augment: str = "baseline") -> A.Compose:
 def eval_transform(record: dict) -> A.Compose:
     """Crop, resize, to a uint8 tensor: validation, prediction and TTA all start here."""
     return A.Compose(_crop(record) + _finish(record))
+
+
+# ---------------------------------------------------------------- batches
+def mix_batch(images, targets, cfg, generator):
+    """Mixup or vertical CutMix with probability mix_prob: (images, other targets, lam); lam=1 means no mix."""
+    choices = [m for m in ("mixup", "cutmix") if getattr(cfg, m) > 0]
+    if not choices or torch.rand((), generator=generator) >= cfg.mix_prob:
+        return images, None, 1.0
+    kind = choices[int(torch.randint(len(choices), (), generator=generator))]
+    alpha = getattr(cfg, kind)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha else 1.0
+    perm = torch.randperm(len(images), generator=generator).to(images.device)
+    other = {k: v[perm] for k, v in targets.items()}
+    images = images.float()  # NOTE: uint8 0..255 photos; the model normalizes floats on the same scale
+    if kind == "mixup":
+        return lam * images + (1 - lam) * images[perm], other, lam
+    cut = int(round(images.shape[3] * lam))  # NOTE: vertical CutMix: left part from this photo, right from another
+    mixed = images.clone()
+    mixed[..., cut:] = images[perm][..., cut:]
+    return mixed, other, cut / images.shape[3]

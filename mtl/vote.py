@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mtl import labels
-from mtl.cli import main_guard
+from mtl.cli import ArgumentParser, main_guard
 from mtl.data import Problem, format_problems, read_csv_checked
 from mtl.ensemble import check_weights, hard_vote, tied_classes, vote_counts
 from mtl.errors import ConfigError, DataError
@@ -109,8 +109,8 @@ def run(paths, out, weights=None, log=print) -> pd.DataFrame:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mtl.vote", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m mtl.vote", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("submissions", nargs="+", metavar="CSV",
                         help=f"submission CSVs (ImageID,ans), at least {MIN_FILES}; the first one breaks ties")
     parser.add_argument("--weights", type=float, nargs="+", metavar="W",

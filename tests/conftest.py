@@ -4,6 +4,7 @@ The tests never download weights (HF_HUB_OFFLINE) and never touch ~/.cache (each
 own decoded-image cache folder, one per pytest-xdist worker). The data set and the trained run are
 built once per session even with several workers (`built_once`), and only read by the tests.
 """
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -81,7 +82,7 @@ def trained_run(synthetic_data, cache_dir, tmp_path_factory):
     def build(folder):
         cfg = config.build({**TINY, **LEARNING, "data": str(synthetic_data), "cache_dir": str(cache_dir),
                             "out": str(folder / "run")})
-        return train(cfg, log=lambda *_: None)
+        return dataclasses.asdict(train(cfg, log=lambda *_: None))
     return built_once(tmp_path_factory, "trained", build)
 
 

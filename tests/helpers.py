@@ -1,4 +1,5 @@
 """Helpers the test modules share (fixtures live in conftest.py)."""
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -21,14 +22,15 @@ def tiny_study_inputs(folder: Path, seed: int, epochs: int) -> tuple[Path, Path]
 def run_command(module, *args, cache_dir=None) -> dict:
     """module.run (predict, pseudo_label, ...) in-process: no import cost, quiet, no worker processes.
 
-    Returns run's result plus the log lines as one text under "log".
+    Returns run's result (a Prediction's fields, or the dict run returns) plus the log lines as one text under "log".
     """
     logs = []
     argv = [str(a) for a in args] + ["--workers", "0", "--no-progress"]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     result = module.run(module.get_args_parser().parse_args(argv), log=logs.append)
-    return {**result, "log": "\n".join(logs)}
+    fields = vars(result) if dataclasses.is_dataclass(result) else result  # predict's Prediction, or a dict
+    return {**fields, "log": "\n".join(logs)}
 
 
 def run_predict(*args, cache_dir=None) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mtl import predict
-from mtl.dataset import FaceDataset, load_fold
+from mtl.dataset import DataSpec, FaceDataset, load_fold
 from mtl.images import ImageCache
 from mtl.transforms import eval_transform, make_preprocess
 from tests.conftest import TINY
@@ -36,7 +36,7 @@ def world(tmp_path_factory):
     data = make_synthetic(base / "data", people=20, seed=5, eval_people=5, size=(96, 128), progress=False)
     cfg = config.build({**TINY, "epochs": 1, "log_images": 0, "data": str(data), "cache_dir": str(base / "train_cache"),
                         "out": str(base / "run")})
-    checkpoint = Path(train(cfg, log=lambda *_: None)["out"]) / "best.pt"
+    checkpoint = Path(train(cfg, log=lambda *_: None).out) / "best.pt"
     world = {"base": base, "data": data, "checkpoint": checkpoint}
     world["fresh"] = observe(world, base / "fresh")
     assert world["fresh"]["notes"] == []
@@ -46,7 +46,7 @@ def world(tmp_path_factory):
 def observe(world, cache_dir) -> dict:
     """What a run sees through this cache: every photo a FaceDataset of fold 0 serves, and predict's answers."""
     notes = []
-    fold = load_fold(world["data"], SIZE, cache_dir=cache_dir, workers=0, progress=False, log=notes.append)
+    fold = load_fold(DataSpec(world["data"]), SIZE, cache_dir=cache_dir, workers=0, progress=False, log=notes.append)
     pixels = [FaceDataset(s, images, eval_transform(make_preprocess(SIZE))).pixels(i)
               for s, images in ((fold.train_samples, fold.train_images), (fold.val_samples, fold.val_images))
               for i in range(len(s))]

@@ -289,16 +289,16 @@ class TinyDeploy(nn.Module):
 @pytest.mark.parametrize("joint", [False, True], ids=["heads", "joint18"])
 def test_exported_model_applies_the_offsets(fmt, joint, tmp_path):
     pytest.importorskip("onnxruntime")
-    from mtl import export
+    from mtl import deploy
     offsets = {"joint": tuple(np.linspace(-1, 1, 18))} if joint else \
         {"mask": (0, 0.7, -0.4), "gender": (0, -0.6), "age": (0, 0.2, 1.5)}
     module = TinyDeploy(Calibration(offsets, 0.5, 0.6, 300), joint).eval()
     example = torch.randn(2, 6)
     path = tmp_path / f"tiny.{fmt}"
-    export.EXPORTERS[fmt](module, (example,), path)
+    deploy.EXPORTERS[fmt](module, (example,), path)
     for batch in (1, 5):  # not the traced batch size
         x = torch.randn(batch, 6, generator=torch.Generator().manual_seed(batch))
-        got = list(export.RUNNERS[fmt](path, (x,)).values())
+        got = list(deploy.RUNNERS[fmt](path, (x,)).values())
         with torch.inference_mode():
             expected = module(x)
             uncalibrated = TinyDeploy(None, joint).eval()(x)

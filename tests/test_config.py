@@ -50,6 +50,18 @@ def test_default_values_live_only_in_default_yaml():
     assert set(config.load_yaml(config.DEFAULT_CONFIG)) == set(config.FIELDS)
 
 
+def test_default_yaml_describes_every_setting_once_for_the_file_and_its_flag():
+    docs = config.docs()
+    assert set(docs) == set(config.FIELDS) and all(doc.text for doc in docs.values())
+    assert [doc.group for doc in docs.values()][:1] == ["data"] and docs["lr"].group == "optimisation"
+    assert docs["out"] == config.Doc("data", "output folder", "a fresh runs/<time>_<model>_<arch>")
+    assert config.value_text("out", None) == "a fresh runs/<time>_<model>_<arch>"
+    assert config.value_text("drop_ages", None) == "none" and config.value_text("img_size", [240, 320]) == "240 320"
+    text = " ".join(get_args_parser().format_help().split())
+    assert "--out OUT output folder (default: a fresh runs/<time>_<model>_<arch>)" in text
+    assert "--mask-loss NAME[:k=v,...] mask: each task's loss: its name and options" in text
+
+
 def test_help_shows_every_flags_default():
     bare = __import__("argparse").ArgumentParser()
     add_train_arguments(bare)
@@ -80,29 +92,36 @@ def test_every_setting_is_a_flag_made_from_its_schema():
     for name, field in config.FIELDS.items():
         actions = by_dest.get(name, [])
         assert all(a.default is None for a in actions), name  # only flags given override the YAML config
-        if field.metadata["help"] and not field.metadata["flags"] and name != "losses":
-            assert actions[0].help.startswith(field.metadata["help"]), name
+        if not field.metadata["flags"] and name != "losses":  # each flag's help is its key's default.yaml comment
+            assert actions[0].help.startswith(config.docs()[name].text.replace("%", "%%")), name
     assert by_dest["lr"][0].type is float and by_dest["img_size"][0].type is int and by_dest["img_size"][0].nargs == "+"
     assert [a.option_strings for a in by_dest["channels_last"]] == [["--channels-last"], ["--no-channels-last"]]
     groups = {g.title: [a.dest for a in g._group_actions] for g in bare_parser()._action_groups}
     assert groups["optimisation"][:3] == ["epochs", "batch_size", "lr"] and groups["running"][-1] == "progress"
 
 
-def test_choices_are_read_from_the_registries(monkeypatch):
-    from mtl import losses, model, train, transforms
-    from mtl.inference import AMP_MODES
-    assert config.choices("arch") == tuple(model.ARCHS) == ("multihead", "joint18", "separate")
-    assert config.choices("head") == tuple(model.HEADS) and config.choices("augment") == tuple(transforms.AUGMENTATIONS)
-    assert config.choices("loss_weighting") == losses.WEIGHTINGS and config.choices("amp") == AMP_MODES
-    assert config.choices("sampler") == train.SAMPLERS and config.choices("device") is None
+def test_each_registry_holds_exactly_the_names_its_choices_list():
+    from mtl import deploy, losses, model, names, transforms
+    assert tuple(model.ARCHS) == names.ARCHS == ("multihead", "joint18", "separate")
+    assert tuple(model.HEADS) == names.HEADS and tuple(transforms.AUGMENTATIONS) == names.AUGMENTATIONS
+    assert tuple(losses.LOSSES) == names.LOSSES and tuple(deploy.EXPORTERS) == tuple(deploy.RUNNERS) == \
+        names.EXPORT_FORMATS
+    for key, known in (("arch", names.ARCHS), ("head", names.HEADS), ("augment", names.AUGMENTATIONS),
+                       ("oversample_augment", names.AUGMENTATIONS), ("loss_weighting", names.WEIGHTINGS),
+                       ("amp", names.AMP_MODES), ("sampler", names.SAMPLERS)):
+        assert config.choices(key) == known, key
+    assert config.choices("device") is None
+
+
+def test_flags_with_choices_list_them_and_refuse_others_before_any_work(capsys):
     text = " ".join(bare_parser().format_help().split())
-    assert "architecture; one of multihead, joint18, separate (default: multihead)" in text
-    # a name registered is a choice of the flag, of --help and of validate, with no other list to edit
-    monkeypatch.setitem(model.ARCHS, "twotrunks", (2, {"mask": 0, "gender": 1, "age": 1}))
-    monkeypatch.setitem(transforms.AUGMENTATIONS, "mine", transforms.AUGMENTATIONS["flip"])
-    assert config.build({"arch": "twotrunks", "augment": "mine"}).arch == "twotrunks"
-    text = " ".join(bare_parser().format_help().split())
-    assert "one of multihead, joint18, separate, twotrunks" in text and "gridshuffle, mine (default: strong)" in text
+    assert "--arch ARCH architecture (mtl/model.py); one of multihead, joint18, separate (default: multihead)" in text
+    assert "one of none, flip, baseline, color, cutout, strong, gridshuffle (default: strong)" in text
+    with pytest.raises(SystemExit) as exit_:
+        get_args_parser().parse_args(["--amp", "fp8"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --amp: invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp16', 'off')" in err
 
 
 @pytest.mark.parametrize("key,value", [("arch", "twoheads"), ("head", "mlp"), ("augment", "wild"),

@@ -43,7 +43,7 @@ def test_bf16_autocast_training_resumes_exactly_on_the_cpu(tiny_config, tmp_path
         train(tiny_config(out=str(tmp_path / "part"), **options), on_epoch=interrupt_after(1), **QUIET)
     saved = checkpoint.load(tmp_path / "part" / "last.pt")
     resumed = train(config.build({"resume": str(tmp_path / "part" / "last.pt")}, base=saved["config"]), **QUIET)
-    assert resumed["epochs_run"] == 1 and 0 <= full["best_f1"] <= 1
+    assert resumed.epochs_run == 1 and 0 <= full.best_f1 <= 1
     assert set(dtypes) == {torch.bfloat16}  # the trunk ran under bf16 autocast in training and validation
     a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "part" / "last.pt")
     assert a["config"]["amp"] == b["config"]["amp"] == "bf16"
@@ -97,10 +97,10 @@ def test_amp_auto_takes_fp16_where_the_gpu_has_no_native_bf16(monkeypatch):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pinned_memory_asked_without_cuda_falls_back_to_the_same_batches(synthetic_data, cache_dir, workers):
-    from mtl.dataset import FaceDataset, load_fold
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
     from mtl.transforms import eval_transform, make_preprocess
     size = (40, 52)
-    fold = load_fold(synthetic_data, size, cache_dir=cache_dir, progress=False)
+    fold = load_fold(DataSpec(synthetic_data), size, cache_dir=cache_dir, progress=False)
     dataset = torch.utils.data.Subset(FaceDataset(fold.val_samples, fold.val_images,
                                                   eval_transform(make_preprocess(size))), range(40))
     plain = list(make_loader(dataset, 8, workers, pin_memory=False))
@@ -125,6 +125,6 @@ def test_compile_trains_resumes_and_saves_plain_weights(tiny_config, tmp_path):
     assert saved["config"]["compile"] is True
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in saved["model"])
     resumed = train(config.build({"resume": str(tmp_path / "part" / "last.pt")}, base=saved["config"]), **QUIET)
-    assert resumed["epochs_run"] == 1 and 0 <= resumed["best_f1"] <= 1
+    assert resumed.epochs_run == 1 and 0 <= resumed.best_f1 <= 1
     model = checkpoint.build_model(checkpoint.load(tmp_path / "part" / "best.pt"))
     assert set(model.eval()(torch.zeros(2, 3, 52, 40, dtype=torch.uint8))) == {"mask", "gender", "age"}

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mtl import data, labels
-from mtl.dataset import FaceDataset, load_fold
+from mtl import checks, data, labels
+from mtl.dataset import DataSpec, FaceDataset, load_fold
 from mtl.errors import DataError
 from mtl.images import MIN_PHOTO_SIDE, DirectImages, ImageCache, decode_image
 from mtl.splits import person_folds
@@ -71,7 +71,7 @@ def test_missing_and_extra_photos_are_named_and_junk_ignored(data_copy):
                      str(extra): named[str(extra)]}
     assert "extra file" in named[str(extra)]
     with pytest.raises(DataError, match="mask3") as err:
-        load_fold(data_copy, SIZE, use_cache=False, progress=False)
+        load_fold(DataSpec(data_copy), SIZE, use_cache=False, progress=False)
     assert "mask6.jpg" in str(err.value) and "--skip-bad" in str(err.value)
 
 
@@ -83,10 +83,11 @@ def test_truncated_photo_is_named_and_skip_bad_goes_on(data_copy, tmp_path):
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     for use_cache in (True, False):
         with pytest.raises(DataError, match="unreadable") as err:
-            load_fold(data_copy, SIZE, cache_dir=tmp_path / "c", use_cache=use_cache, progress=False)
+            load_fold(DataSpec(data_copy), SIZE, cache_dir=tmp_path / "c", use_cache=use_cache, progress=False)
         assert str(bad) in str(err.value)
     messages = []
-    fold = load_fold(data_copy, SIZE, cache_dir=tmp_path / "c", skip_bad=True, progress=False, log=messages.append)
+    fold = load_fold(DataSpec(data_copy, skip_bad=True), SIZE, cache_dir=tmp_path / "c", progress=False,
+                     log=messages.append)
     assert fold.skipped == 1
     assert any("skipping 1" in m for m in messages)
     everything = pd.concat([fold.train_samples, fold.val_samples])
@@ -112,13 +113,13 @@ def test_drop_ages_only_from_training(synthetic_data, cache_dir):
     all_ages = data.read_people(synthetic_data)["age"]
     low, high = 50, 59
     assert all_ages.between(low, high).sum() >= 5
-    fold = load_fold(synthetic_data, SIZE, drop_ages=f"{low}-{high}", cache_dir=cache_dir, progress=False,
+    fold = load_fold(DataSpec(synthetic_data, drop_ages=f"{low}-{high}"), SIZE, cache_dir=cache_dir, progress=False,
                      log=lambda *_: None)
     assert not fold.train_samples["age"].between(low, high).any()
-    plain = load_fold(synthetic_data, SIZE, cache_dir=cache_dir, progress=False)
+    plain = load_fold(DataSpec(synthetic_data), SIZE, cache_dir=cache_dir, progress=False)
     assert plain.val_samples.equals(fold.val_samples)
     with pytest.raises(DataError, match="drop-ages"):
-        data.parse_age_range("fifty")
+        checks.parse_age_range("fifty")
 
 
 def test_no_person_crosses_folds_and_folds_are_deterministic(synthetic_data):
@@ -160,7 +161,7 @@ def test_cache_equals_direct_decode_and_rebuilds_stale(data_copy, tmp_path):
 
 
 def test_dataset_items_and_transforms(synthetic_data, cache_dir):
-    fold = load_fold(synthetic_data, SIZE, cache_dir=cache_dir, progress=False)
+    fold = load_fold(DataSpec(synthetic_data), SIZE, cache_dir=cache_dir, progress=False)
     record = make_preprocess(SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
     ds = FaceDataset(fold.train_samples, fold.train_images, train_transform(record, "strong"), 59)
     item = ds[0]
@@ -255,9 +256,10 @@ def test_a_tiny_photo_is_refused_by_name_and_skip_bad_leaves_it_out(data_copy, t
     Image.new("RGB", (1, 1), (90, 60, 30)).save(tiny, format="PNG" if tiny.suffix == ".png" else "JPEG")
     for use_cache in (True, False):
         with pytest.raises(DataError, match="bad photo") as err:
-            load_fold(data_copy, SIZE, cache_dir=tmp_path / "c", use_cache=use_cache, progress=False)
+            load_fold(DataSpec(data_copy), SIZE, cache_dir=tmp_path / "c", use_cache=use_cache, progress=False)
         assert f"{tiny}: photo is 1x1 px, below the minimum side of {MIN_PHOTO_SIDE} px" in str(err.value)
-    fold = load_fold(data_copy, SIZE, cache_dir=tmp_path / "c", skip_bad=True, progress=False, log=lambda *_: None)
+    fold = load_fold(DataSpec(data_copy, skip_bad=True), SIZE, cache_dir=tmp_path / "c", progress=False,
+                     log=lambda *_: None)
     assert str(tiny) not in set(pd.concat([fold.train_samples, fold.val_samples])["image_path"])
     assert fold.skipped == 1
 
@@ -268,9 +270,10 @@ def test_implausible_ages_are_named_with_their_row(data_copy, tmp_path):
     table.loc[4, "age"] = "200"
     table.to_csv(csv, index=False)
     with pytest.raises(DataError) as err:
-        load_fold(data_copy, SIZE, cache_dir=tmp_path / "c", progress=False)
+        load_fold(DataSpec(data_copy), SIZE, cache_dir=tmp_path / "c", progress=False)
     assert f"{csv} row 6: age 200 is outside the plausible range 0..120" in str(err.value)
-    fold = load_fold(data_copy, SIZE, cache_dir=tmp_path / "c", skip_bad=True, progress=False, log=lambda *_: None)
+    fold = load_fold(DataSpec(data_copy, skip_bad=True), SIZE, cache_dir=tmp_path / "c", progress=False,
+                     log=lambda *_: None)
     kept = pd.concat([fold.train_samples, fold.val_samples])
     assert table.loc[4, "id"] not in set(kept["person_id"]) and len(kept) == 7 * 119
     fixes = tmp_path / "fixes.csv"
@@ -335,7 +338,8 @@ def test_train_folders_and_photos_must_lie_inside_train_images(data_copy, tmp_pa
     for row, k in ((2, 0), (3, 1), (4, 2)):
         assert named[f"{csv} row {row}"] == f"path {table.loc[k, 'path']!r} does not name a folder inside {images}"
     assert named[str(linked)].startswith(f"links to {tmp_path / 'elsewhere'}")
-    fold = load_fold(data_copy, SIZE, cache_dir=tmp_path / "c", skip_bad=True, progress=False, log=lambda *_: None)
+    fold = load_fold(DataSpec(data_copy, skip_bad=True), SIZE, cache_dir=tmp_path / "c", progress=False,
+                     log=lambda *_: None)
     read = set(pd.concat([fold.train_samples, fold.val_samples])["image_path"])
     assert fold.skipped == 4 and len(read) == 7 * 120 - 3 * 7 - 1
     assert all(Path(p).is_relative_to(images) for p in read) and str(inner) in read

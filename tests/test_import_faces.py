@@ -11,7 +11,7 @@ from PIL import Image
 from data_tools import import_faces
 from data_tools.make_synthetic import make_synthetic
 from mtl import data, labels
-from mtl.dataset import FaceDataset, load_fold
+from mtl.dataset import DataSpec, FaceDataset, load_fold
 from mtl.losses import build_loss, class_counts
 from mtl.model import create_model
 from mtl.transforms import eval_transform, make_preprocess
@@ -142,9 +142,8 @@ def test_training_on_the_mix_masks_the_loss_of_missing_labels(utk_src, folder_sr
     root = make_synthetic(tmp_path / "data", people=5, seed=2, eval_people=0, size=SIZE, progress=False)
     assert run([utk_src, tmp_path / "utk", "--format", "utkface"]) == 0
     assert run([folder_src, tmp_path / "masks", "--format", "folder"]) == 0
-    fold = load_fold(root, SIZE, folds=5, fold=0, extra_csvs=[tmp_path / "utk" / "extra.csv",
-                                                                tmp_path / "masks" / "extra.csv"],
-                     use_cache=False, workers=1, progress=False, log=lambda *_: None)
+    spec = DataSpec(root, extra=(tmp_path / "utk" / "extra.csv", tmp_path / "masks" / "extra.csv"))
+    fold = load_fold(spec, SIZE, use_cache=False, workers=1, progress=False, log=lambda *_: None)
     preprocess = make_preprocess(SIZE)
     dataset = FaceDataset(fold.train_samples, fold.train_images, eval_transform(preprocess))
     source = fold.train_samples["source"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset
 
-from mtl.dataset import FaceDataset, load_fold
+from mtl.dataset import DataSpec, FaceDataset, load_fold
 from mtl.loader import PREFETCH, PhotoRing, ReusedBuffers, make_loader
 from mtl.transforms import eval_transform, make_preprocess
 
@@ -15,7 +15,7 @@ SIZE = (40, 52)
 
 @pytest.fixture
 def val_set(synthetic_data, cache_dir):
-    fold = load_fold(synthetic_data, SIZE, cache_dir=cache_dir, progress=False)
+    fold = load_fold(DataSpec(synthetic_data), SIZE, cache_dir=cache_dir, progress=False)
     return FaceDataset(fold.val_samples, fold.val_images, eval_transform(make_preprocess(SIZE)))
 
 

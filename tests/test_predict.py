@@ -21,7 +21,7 @@ from mtl.cli import main_guard
 from mtl.ensemble import combine
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.inference import predict_probs
-from mtl.members import check_face_crop
+from mtl.members import check_face_crop, load_members
 from mtl.metrics import predict_classes, recombine
 from tests.helpers import ROOT, run_command, run_predict
 
@@ -110,7 +110,7 @@ def test_probabilities_are_saved_and_redo_the_submission(single, tmp_path):
         assert np.allclose(probs.filter(regex=rf"^{head}_\d+$").sum(1), 1, atol=1e-5), head
     redo = run_predict("--from-probs", single["dir"] / "probs.csv", "--out", tmp_path / "redo.csv")
     assert (tmp_path / "redo.csv").read_bytes() == (single["dir"] / "sub.csv").read_bytes()
-    assert np.array_equal(redo["result"].pred, single["result"].pred)
+    assert np.array_equal(redo["ensemble"].pred, single["ensemble"].pred)
     # a file written by hand, without the checkpoint and age_threshold columns, is read the same way
     probs.drop(columns=["checkpoint", "age_threshold"]).to_csv(tmp_path / "by_hand.csv", index=False)
     run_predict("--from-probs", tmp_path / "by_hand.csv", "--out", tmp_path / "by_hand_sub.csv")
@@ -120,11 +120,11 @@ def test_probabilities_are_saved_and_redo_the_submission(single, tmp_path):
 # ---------------------------------------------------------------- ensembles
 def test_soft_ensemble_averages_each_head(ensemble, single, pair):
     members = ensemble["member_probs"]
-    assert [m["path"] for m in ensemble["members"]] == [str(pair[0]), str(pair[1])]  # the glob, sorted
+    assert [m.path for m in ensemble["members"]] == [str(pair[0]), str(pair[1])]  # the glob, sorted
     assert np.allclose(members[0]["mask"], single["member_probs"][0]["mask"], atol=1e-6)
     mean = {k: (members[0][k] + members[1][k]) / 2 for k in ("mask", "gender", "age")}
     expected = np.asarray(recombine(mean)).argmax(1)
-    assert np.array_equal(ensemble["result"].pred, expected)
+    assert np.array_equal(ensemble["ensemble"].pred, expected)
     sub = pd.read_csv(ensemble["dir"] / "soft.csv")
     assert np.array_equal(sub["ans"].to_numpy(), expected)
     saved = pd.read_csv(ensemble["dir"] / "probs.csv")
@@ -134,8 +134,8 @@ def test_soft_ensemble_averages_each_head(ensemble, single, pair):
 def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, pair, synthetic_data, cache_dir, tmp_path):
     probs = ensemble["dir"] / "probs.csv"
     a, b = (predict_classes(p) for p in ensemble["member_probs"])
-    hard = run_predict("--from-probs", probs, "--ensemble", "hard", "--out", tmp_path / "hard.csv")["result"].pred
-    soft = np.asarray(recombine(ensemble["result"].probs))
+    hard = run_predict("--from-probs", probs, "--ensemble", "hard", "--out", tmp_path / "hard.csv")["ensemble"].pred
+    soft = np.asarray(recombine(ensemble["ensemble"].probs))
     rows = np.arange(len(a))
     assert np.array_equal(hard[a == b], a[a == b])
     # two equal votes: a tie between the two answers, won by the one the soft ensemble finds likelier
@@ -147,10 +147,10 @@ def test_hard_ensemble_votes_and_ties_go_to_soft(ensemble, pair, synthetic_data,
                 tmp_path / "direct.csv", cache_dir=cache_dir)
     assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "hard.csv").read_bytes()
     weighted = run_predict("--from-probs", probs, "--ensemble", "hard", "--weights", "1", "3", "--out",
-                           tmp_path / "w.csv")["result"].pred
+                           tmp_path / "w.csv")["ensemble"].pred
     assert np.array_equal(weighted, b)
     only_first = run_predict("--from-probs", probs, "--weights", "1", "0", "--out", tmp_path / "w0.csv")
-    assert np.array_equal(only_first["result"].pred, a)
+    assert np.array_equal(only_first["ensemble"].pred, a)
 
 
 def test_weights_must_fit_the_members(ensemble, tmp_path):
@@ -214,13 +214,14 @@ def test_validation_report_agrees_with_training(ckpts, trained_run, synthetic_da
     saved = json.loads((report / "metrics.json").read_text())
     # the same people, preprocessing and recombination as training's validation: the same F1
     assert saved["metrics"]["f1"] == pytest.approx(checkpoint.load(ckpts[0])["metrics"]["f1"], abs=1e-6)
-    assert saved["fold"] == 0 and saved["photos"] == len(result["samples"])
+    assert saved["fold"] == 0 and saved["photos"] == len(result["image_ids"])
     per_class = pd.read_csv(report / "per_class.csv")
     assert per_class.groupby("task").size().to_dict() == {"18": 18, "mask": 3, "gender": 2, "age": 3}
     mistakes = pd.read_csv(report / "mistakes.csv", dtype={"person_id": str})
     assert len(mistakes) and (mistakes["true"] != mistakes["pred"]).all()
     assert mistakes["confidence"].is_monotonic_decreasing
-    assert set(mistakes["person_id"]) <= set(result["samples"]["person_id"])
+    people = pd.read_csv(report / "predictions.csv", dtype={"person_id": str})["person_id"]
+    assert set(mistakes["person_id"]) <= set(people) and result["metrics"] == saved["metrics"]
     assert "18-class F1" in result["log"]
     text = (report / "report.md").read_text()
     assert "mistakes.png" in text and "confusion_18.png" in text
@@ -298,7 +299,7 @@ def test_output_folder_must_exist(ckpts, synthetic_data, tmp_path, no_forward):
     assert only_files(tmp_path) == []
 
 
-def test_bad_checkpoint_arguments(ckpts, synthetic_data, tmp_path, no_forward):
+def test_bad_checkpoint_arguments(ckpts, synthetic_data, tmp_path, no_forward, capsys):
     out = ["--data", synthetic_data, "--out", tmp_path / "sub.csv"]
     with pytest.raises(ConfigError, match="matches no file"):
         run_predict("--checkpoint", str(tmp_path / "runs" / "*" / "best.pt"), *out)
@@ -306,8 +307,9 @@ def test_bad_checkpoint_arguments(ckpts, synthetic_data, tmp_path, no_forward):
         run_predict("--checkpoint", tmp_path / "missing.pt", *out)
     with pytest.raises(ConfigError, match="2 checkpoint"):
         run_predict("--checkpoint", *ckpts, "--weights", "1", "2", "3", *out)
-    with pytest.raises(ConfigError, match="unknown --tta"):
+    with pytest.raises(SystemExit):
         run_predict("--checkpoint", ckpts[0], "--tta", "vflip", *out)
+    assert "argument --tta: invalid choice: 'vflip' (choose from 'none', 'hflip')" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="only applies to --validate"):
         run_predict("--checkpoint", ckpts[0], "--skip-bad", *out)
     with pytest.raises(ConfigError, match="exactly one"):
@@ -328,7 +330,7 @@ def test_face_crop_settings_must_agree(ckpts, synthetic_data, tmp_path, no_forwa
     with pytest.raises(ConfigError, match="other settings"):
         run_predict("--checkpoint", tmp_path / "cropped.pt", "--data", data, "--out", tmp_path / "sub.csv")
     warnings = []
-    check_face_crop([checkpoint.load(ckpts[0])], data, log=warnings.append)
+    check_face_crop(load_members([str(ckpts[0])]), data, log=warnings.append)
     assert len(warnings) == 1 and "uncropped" in warnings[0]
     assert not (tmp_path / "sub.csv").exists()
 

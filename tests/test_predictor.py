@@ -110,15 +110,25 @@ def crop_checkpoint(best, tmp_path_factory):
     return path
 
 
-def test_raw_photos_cropped_at_prediction_equal_the_crop_faces_route(raw_photos, crop_checkpoint, cache_dir,
-                                                                     tmp_path):
-    cropped = tmp_path / "cropped"
+@pytest.fixture(scope="module")
+def crop_faces_route(raw_photos, tmp_path_factory):
+    """raw_photos through data_tools.crop_faces with CROP: (the cropped data folder, {photo: whether it fell back})."""
+    cropped = tmp_path_factory.mktemp("route") / "cropped"
     crop_faces.crop_dataset(raw_photos, cropped, margin=CROP["margin"], size=CROP["size"], device="cpu",
                             progress=False, workers=1, log=lambda *_: None)
     boxes = pd.read_csv(cropped / crop_faces.BOXES_FILE)
-    fell_back = dict(zip(boxes["path"].map(lambda p: Path(p).name), boxes["fallback"].astype(bool)))
-    if UTKFACE.is_dir():
-        assert sum(not v for v in fell_back.values()) >= 3, fell_back  # real faces are found
+    return cropped, dict(zip(boxes["path"].map(lambda p: Path(p).name), boxes["fallback"].astype(bool)))
+
+
+@pytest.mark.skipif(not UTKFACE.is_dir(), reason=f"needs the shared UTKFace photos in {UTKFACE}")
+def test_real_faces_on_raw_photos_are_found(crop_faces_route):
+    fell_back = crop_faces_route[1]
+    assert sum(not v for v in fell_back.values()) >= 3, fell_back
+
+
+def test_raw_photos_cropped_at_prediction_equal_the_crop_faces_route(raw_photos, crop_checkpoint, crop_faces_route,
+                                                                     cache_dir, tmp_path):
+    cropped, fell_back = crop_faces_route
     assert fell_back["raw4.png"]  # the blank one falls back
 
     route = run_command(predict, "--checkpoint", crop_checkpoint, "--data", cropped, "--out", tmp_path / "a.csv",
@@ -131,16 +141,28 @@ def test_raw_photos_cropped_at_prediction_equal_the_crop_faces_route(raw_photos,
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     for task in ("mask", "gender", "age", "age_reg"):
         assert np.array_equal(route["member_probs"][0][task], built_in["member_probs"][0][task]), task
-    table = images["table"]
+    table = pd.read_csv(tmp_path / "c.csv")
+    assert table["path"].tolist() == images["image_ids"]
     order = [route["image_ids"].index(Path(p).name) for p in table["path"]]
-    assert np.array_equal(table["class"].to_numpy(), route["result"].pred[order])
-    assert np.abs(table["p_mask_wear"].to_numpy() - route["result"].probs["mask"][order, 0]).max() < 1e-6
+    assert np.array_equal(table["class"].to_numpy(), route["ensemble"].pred[order])
+    assert np.abs(table["p_mask_wear"].to_numpy() - route["ensemble"].probs["mask"][order, 0]).max() < 2e-6
     assert table["face_found"].tolist() == [not fell_back[Path(p).name] for p in table["path"]]
     # the API on pixels already in memory crops them the same way
     pixels = [np.asarray(Image.open(p)) for p in table["path"]]
     again = Predictor(crop_checkpoint, device="cpu").predict(pixels)
     assert [a["class"] for a in again] == table["class"].tolist()
     assert [a["face_found"] for a in again] == table["face_found"].tolist()
+
+
+def test_a_broken_raw_photo_is_named_before_any_crop_or_model(raw_photos, crop_checkpoint, tmp_path, monkeypatch):
+    from mtl.errors import DataError
+    monkeypatch.setattr(face_crop, "FaceDetector", None)  # NOTE: nothing may be cropped, or detected, here
+    monkeypatch.setattr("mtl.members.predict_members", None)  # nor any model run
+    data = shutil.copytree(raw_photos, tmp_path / "data")
+    (data / "eval" / "images" / "raw1.png").write_bytes(b"not a photo")
+    with pytest.raises(DataError, match="raw1.png: unreadable image"):
+        run_command(predict, "--checkpoint", crop_checkpoint, "--data", data, "--out", tmp_path / "sub.csv")
+    assert not (tmp_path / "sub.csv").exists()
 
 
 def test_refuse_uncropped_keeps_the_old_check(raw_photos, crop_checkpoint, tmp_path, monkeypatch):

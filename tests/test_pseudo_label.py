@@ -12,7 +12,7 @@ import pytest
 from data_tools import pseudo_label
 from mtl import checkpoint, data, labels
 from mtl.cli import main_guard
-from mtl.dataset import FaceDataset, load_fold
+from mtl.dataset import DataSpec, FaceDataset, load_fold
 from tests.helpers import ROOT, run_command
 
 
@@ -134,7 +134,7 @@ def test_the_bar_decides_what_stays_unknown(labelled):
 def test_pseudo_labels_join_the_training_photos(labelled, best, synthetic_data, cache_dir):
     member = checkpoint.load(best)
     load_size = tuple(member["preprocess"]["load_size"])
-    fold = load_fold(synthetic_data, load_size, extra_csvs=[labelled["out"]], cache_dir=cache_dir, workers=0,
+    fold = load_fold(DataSpec(synthetic_data, extra=(labelled["out"],)), load_size, cache_dir=cache_dir, workers=0,
                      progress=False, log=lambda *_: None)
     extra = fold.train_samples[fold.train_samples["source"] == "extra:extra.csv"]
     table = data.read_extra(labelled["out"])
@@ -188,7 +188,7 @@ def test_known_probabilities_give_the_expected_table(best, synthetic_data, cache
     # best.pt and last.pt through a glob: a soft ensemble of two members that agree
     result = run_pl("--checkpoint", best.parent / "*.pt", "--data", root, "--out", root / "extra.csv", "--overwrite",
                     "--no-age-reg", "--min-confidence-mask", 0.8, "--min-confidence-age", 0.99, cache_dir=cache_dir)
-    assert [Path(m["path"]).name for m in result["members"]] == ["best.pt", "last.pt"]
+    assert [Path(m.path).name for m in result["members"]] == ["best.pt", "last.pt"]
     written = pd.read_csv(root / "extra.csv", dtype=str)
     assert written["path"].tolist() == [f"eval/images/{ids[i]}" for i in (0, 1, 3, 5)]
     assert written["mask"].tolist() == ["0", "1", "2", "2"]

@@ -1,5 +1,6 @@
 """mtl.soup: the greedy soup never scores below its best ingredient, loads in predict.py, refuses mixed ingredients."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from mtl import checkpoint, predict, soup
 from mtl.errors import ConfigError
-from mtl.members import predict_members
+from mtl.members import load_members, predict_members
 from mtl.metrics import score
 from mtl.reports import truth_of, validation_fold
 
@@ -30,21 +31,20 @@ def made(ingredients, synthetic_data, cache_dir, tmp_path_factory):
     args = soup.get_args_parser().parse_args(quiet("--checkpoints", str(ingredients[0].parent / "*.pt"), "--data",
                                                    synthetic_data, "--fold", 0, "--out", out, "--cache-dir",
                                                    cache_dir))
-    result = soup.make_soup(args, log=logs.append)
-    return {**result, "out": out, "log": logs}
+    return {"soup": soup.make_soup(args, log=logs.append), "out": out, "log": logs}
 
 
 def test_soup_never_scores_below_its_best_ingredient(made, ingredients, synthetic_data, cache_dir):
-    members = [checkpoint.load(p) for p in [made["out"], *ingredients]]
-    samples, sources, _ = validation_fold(members, synthetic_data, fold=0, cache_dir=cache_dir,
-                                                  workers=0, progress=False, log=lambda *_: None)
-    probs = predict_members(members, samples, sources, workers=0, progress=False)
-    schema = checkpoint.label_schema(members[0])
-    truth = truth_of(samples, schema)
+    members = load_members([str(p) for p in [made["out"], *ingredients]])
+    split = validation_fold(members, synthetic_data, fold=0, cache_dir=cache_dir, workers=0, progress=False,
+                            log=lambda *_: None)
+    probs = predict_members(members, split.samples, split.sources, workers=0, progress=False)
+    schema = members[0].schema
+    truth = truth_of(split.samples, schema)
     f1 = [score(p, truth, schema)["f1"] for p in probs]
     assert f1[0] >= max(f1[1:]) - 1e-9, f1
-    assert f1[0] == pytest.approx(made["metrics"]["f1"], abs=1e-9)
-    assert [row["f1"] for row in made["table"]] == pytest.approx(sorted(f1[1:], reverse=True), abs=1e-9)
+    assert f1[0] == pytest.approx(made["soup"].metrics["f1"], abs=1e-9)
+    assert [row["f1"] for row in made["soup"].table] == pytest.approx(sorted(f1[1:], reverse=True), abs=1e-9)
     assert any("decision" in line and "soup F1" in line for line in made["log"])
 
 
@@ -54,8 +54,10 @@ def test_soup_is_a_checkpoint_predict_loads(made, ingredients, synthetic_data, c
     for key in ("model", "config", "schema", "preprocess", "epoch", "metrics", "soup"):
         assert key in saved, key
     assert saved["schema"] == best["schema"] and saved["preprocess"] == best["preprocess"]
-    assert saved["soup"] == [made["table"][0]["path"]] + [r["path"] for r in made["table"][1:] if r["kept"]]
-    assert saved["soup_validation"]["fold"] == 0 and saved["metrics"]["f1"] == pytest.approx(made["metrics"]["f1"])
+    table = made["soup"].table
+    assert saved["soup"] == [table[0]["path"]] + [r["path"] for r in table[1:] if r["kept"]]
+    assert saved["soup_validation"]["fold"] == 0 and saved["metrics"]["f1"] == pytest.approx(
+        made["soup"].metrics["f1"])
     logs = []
     args = predict.get_args_parser().parse_args(quiet("--checkpoint", made["out"], "--data", synthetic_data, "--out",
                                                       tmp_path / "sub.csv", "--cache-dir", cache_dir))
@@ -74,17 +76,17 @@ def test_average_states_keeps_integer_buffers_of_the_first():
 
 def test_greedy_keeps_only_what_does_not_hurt():
     # F1 peaks where the averaged weight is 1.0: own F1 a 0.4, b 0.6, c -1.0, d 0.8 -> tried in the order d, b, a, c
-    members = [{"path": p, "model": {"w": torch.tensor(w)}} for p, w in
+    members = [SimpleNamespace(path=p, checkpoint={"model": {"w": torch.tensor(w)}}) for p, w in
                (("a", 0.4), ("b", 1.4), ("c", 3.0), ("d", 0.8))]
 
     def fake_score(state, desc=""):
         return {"f1": 1.0 - abs(float(state["w"]) - 1.0)}
 
     result = soup.greedy_soup(members, fake_score, log=lambda *_: None)
-    decisions = [(row["path"], row["kept"]) for row in result["table"]]
+    decisions = [(row["path"], row["kept"]) for row in result.table]
     assert decisions == [("d", True), ("b", True), ("a", False), ("c", False)]  # d+b: 1.1; +a: 0.87; +c: 1.73
-    assert float(result["state"]["w"]) == pytest.approx(1.1) and result["metrics"]["f1"] == pytest.approx(0.9)
-    assert result["kept"] == [3, 1]
+    assert float(result.state["w"]) == pytest.approx(1.1) and result.metrics["f1"] == pytest.approx(0.9)
+    assert result.kept == [3, 1]
 
 
 def test_ingredients_must_share_the_architecture(ingredients, synthetic_data, tmp_path):

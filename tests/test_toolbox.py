@@ -98,9 +98,9 @@ def steps_per_epoch(out) -> int:
 
 @pytest.mark.slow
 def test_oversample_old_repeats_the_60_plus_people(tiny_config):
-    from mtl.dataset import load_fold
+    from mtl.dataset import DataSpec, load_fold
     cfg = tiny_config(epochs=1, oversample_old=2, oversample_augment="gridshuffle")
-    fold = load_fold(cfg.data, tuple(cfg.img_size), cfg.folds, cfg.fold, cfg.seed, cache_dir=cfg.cache_dir,
+    fold = load_fold(DataSpec.of(cfg), tuple(cfg.img_size), cache_dir=cfg.cache_dir,
                      workers=0, progress=False, log=lambda *_: None)
     photos, old = len(fold.train_samples), int((fold.train_samples["age"] >= cfg.age_threshold).sum())
     assert old > 0

@@ -99,11 +99,21 @@ def test_hparams_table_puts_the_settings_that_differ_first(trained_run, tiny_con
     assert not [p for p in events if b"_hparams_/experiment" in p.read_bytes()]
 
 
-def test_checkpoint_rebuilds_the_model(trained_run):
+def test_checkpoint_rebuilds_the_model_it_validated(trained_run, cache_dir):
+    from mtl.dataset import DataSpec, FaceDataset, load_fold
+    from mtl.inference import predict_probs
+    from mtl.loader import make_loader
+    from mtl.metrics import score
+    from mtl.transforms import eval_transform
     best = checkpoint.load(Path(trained_run["out"]) / "best.pt")
-    model = checkpoint.build_model(best)
-    out = model.eval()(torch.zeros(1, 3, 64, 48))
-    assert set(out) == {"mask", "gender", "age", "age_reg"}
+    model = checkpoint.build_model(best)  # the config's architecture, the stored weights, no download
+    assert all(torch.equal(value, best["model"][key]) for key, value in model.state_dict().items())
+    fold = load_fold(DataSpec.of(best["config"]), best["preprocess"]["load_size"], cache_dir=cache_dir, workers=0,
+                     progress=False, log=lambda *_: None)
+    schema = checkpoint.label_schema(best)
+    val = FaceDataset(fold.val_samples, fold.val_images, eval_transform(best["preprocess"]), schema)
+    probs = predict_probs(model, make_loader(val, 64, workers=0), torch.device("cpu"))
+    assert score(probs, val.truth(), schema) == pytest.approx(best["metrics"], abs=1e-6)  # what training measured
 
 
 @pytest.mark.slow
@@ -120,7 +130,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     assert seen == [3]
     a = checkpoint.load(tmp_path / "full" / "last.pt")
     b = checkpoint.load(tmp_path / "part" / "last.pt")
-    assert b["epoch"] == 3 and result["epochs_run"] == 1
+    assert b["epoch"] == 3 and result.epochs_run == 1
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert list(a["optimizer"]["state"]) == list(b["optimizer"]["state"])
@@ -129,7 +139,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
 
 
 def test_progress_counts_the_best_epoch_and_early_stopping():
-    from mtl.train import Progress
+    from mtl.run_files import Progress
     progress = Progress()
     assert [progress.record(e, {"f1": f1}) for e, f1 in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.4))] == \
         [True, True, False, False]
@@ -152,14 +162,31 @@ def test_progress_counts_the_best_epoch_and_early_stopping():
 ])
 @pytest.mark.slow
 def test_options_train_with_finite_losses(tiny_config, options):
+    import math
     result = train(tiny_config(epochs=1, **options), **QUIET)
-    assert 0.0 <= result["best_f1"] <= 1.0 and result["epochs_run"] == 1
+    out = Path(result.out)
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0}).Reload()
+    heads = {"joint"} if options["arch"] == "joint18" else {"mask", "gender", "age"}
+    assert {t for t in events.Tags()["scalars"] if t.startswith("train/loss")} == \
+        {"train/loss"} | {f"train/loss_{h}" for h in heads}  # each head's loss of the architecture, and no other
+    losses = [e.value for t in events.Tags()["scalars"] if t.startswith("train/loss") for e in events.Scalars(t)]
+    assert losses and all(math.isfinite(v) for v in losses)
+    best, last = checkpoint.load(out / "best.pt"), checkpoint.load(out / "last.pt")
+    assert result.epochs_run == 1 and best["schema"]["age_threshold"] == options.get("age_threshold", 60)
+    assert any(k.startswith("trunks.2.") for k in best["model"]) == (options["arch"] == "separate")
+    if options.get("loss_weighting") == "uncertainty":  # learned: the weights moved from their start, 1/2
+        assert any(events.Scalars(f"loss_weight/{t}")[-1].value != 0.5 for t in heads)
+    if options.get("ema"):  # best.pt holds the EMA weights validated, last.pt the trained ones beside them
+        assert not torch.equal(best["model"]["trunks.0.backbone.conv_stem.weight"],
+                               last["model"]["trunks.0.backbone.conv_stem.weight"])
+        assert torch.equal(best["model"]["trunks.0.backbone.conv_stem.weight"],
+                           last["ema"]["trunks.0.backbone.conv_stem.weight"])
 
 
 @pytest.mark.slow
 def test_all_folds_trains_each_fold(tiny_config, tmp_path):
     result = train(tiny_config(epochs=1, folds=2, all_folds=True, out=str(tmp_path / "cv")), **QUIET)
-    assert len(result["folds"]) == 2
+    assert len(result.folds) == 2
     assert (tmp_path / "cv" / "fold0" / "best.pt").is_file() and (tmp_path / "cv" / "fold1" / "best.pt").is_file()
     assert "f1_mean" in json.loads((tmp_path / "cv" / "metrics.json").read_text())
 
@@ -193,9 +220,9 @@ def test_existing_run_is_never_overwritten(trained_run):
     (["--loss-weights", "1", "0", "1"], "--loss-weights must be positive numbers"),
     (["--loss-weights", "1", "nan", "1"], "--loss-weights must be positive numbers"),
     (["--age-threshold", "120"], "--age-threshold must be from 31 to 99"),
-    (["--arch", "twoheads"], "--arch must be one of"),
+    (["--arch", "twoheads"], "argument --arch: invalid choice: 'twoheads' (choose from 'multihead',"),
     (["--fold", "7"], "--fold must be from 0 to 4"),
-    (["--augment", "wild"], "--augment must be one of none, flip, baseline"),
+    (["--augment", "wild"], "argument --augment: invalid choice: 'wild' (choose from 'none', 'flip',"),
     (["--age-loss", "focal:beta=2"], "has no option(s) beta"),
 ])
 def test_bad_flags_give_one_line_errors(flags, message, capsys):
@@ -346,7 +373,7 @@ def test_a_full_disk_mid_run_is_one_line_that_says_what_was_kept(tiny_config, tm
     import resource
     import shutil
     first = train(tiny_config(epochs=1, out=str(tmp_path / "run")), **QUIET)
-    run = Path(first["out"])
+    run = Path(first.out)
     size = (run / "last.pt").stat().st_size
     if full == "tmpfs":
         disk = tmp_path / "disk"
@@ -390,7 +417,7 @@ def test_resume_repairs_best_pt_and_metrics_json_behind_last_pt(tiny_config, tmp
     (out / "metrics.json").unlink()
     resumed = train(config.build({"resume": str(out / "last.pt")}, base=checkpoint.load(out / "last.pt")["config"]),
                     **QUIET)
-    assert resumed["epochs_run"] == 0
+    assert resumed.epochs_run == 0
     repaired = checkpoint.load(out / "best.pt")
     assert repaired["epoch"] == best["epoch"] == 1 and repaired["metrics"] == best["metrics"]
     assert all(torch.equal(repaired["model"][k], best["model"][k]) for k in best["model"])
@@ -417,7 +444,7 @@ def test_a_run_that_stopped_early_trains_no_more_when_resumed(tiny_config, tmp_p
     seen = []
     result = train(config.build({"resume": str(out / "last.pt"), "patience": 2, "epochs": 3}, base=last["config"]),
                    on_epoch=lambda e, m: seen.append(e), **QUIET)
-    assert seen == [] and result["epochs_run"] == 0 and checkpoint.load(out / "last.pt")["epoch"] == 1
+    assert seen == [] and result.epochs_run == 0 and checkpoint.load(out / "last.pt")["epoch"] == 1
 
 
 def test_outputs_are_readable_by_the_group_the_umask_allows(trained_run):

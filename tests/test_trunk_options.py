@@ -10,7 +10,8 @@ import torch
 from mtl import checkpoint, config
 from mtl.errors import ConfigError
 from mtl.model import create_model, trunk_groups
-from mtl.train import Interrupted, interrupt_after, lr_factor, param_groups, train
+from mtl.optim import lr_factor, param_groups
+from mtl.train import Interrupted, interrupt_after, train
 
 QUIET = {"log": lambda *_: None}
 MODEL, FREEZE, DECAY = "test_resnet", 2, 0.5  # test_resnet: the stem, then layer1 .. layer4
@@ -64,8 +65,8 @@ def test_frozen_groups_stay_bit_identical_while_the_rest_learns(trunk_run, weigh
         assert any(k.endswith("running_mean") for k in later)
         assert all(not torch.equal(trained[k], pretrained[k]) for k in later), name
     # the model learns: the 18-class macro F1 on held-out people is well above chance (1/18)
-    assert result["best_f1"] > 0.25, result["metrics"]
-    assert result["metrics"]["mask_acc"] > 0.85 and result["metrics"]["gender_acc"] > 0.7
+    assert result.best_f1 > 0.25, result.metrics
+    assert result.metrics["mask_acc"] > 0.85 and result.metrics["gender_acc"] > 0.7
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_resume_with_frozen_blocks_and_layer_decay_continues_exactly(half_run, t
     train(full, **QUIET)
     saved = checkpoint.load(out / "last.pt")
     resumed = config.build({"resume": str(out / "last.pt"), "out": str(tmp_path / "resumed")}, base=saved["config"])
-    assert train(resumed, **QUIET)["epochs_run"] == 1
+    assert train(resumed, **QUIET).epochs_run == 1
     a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "resumed" / "last.pt")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

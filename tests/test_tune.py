@@ -27,7 +27,7 @@ import yaml
 import mtl.train
 from mtl import config
 from mtl.cli import main_guard
-from mtl.train import TrainingError
+from mtl.train import TrainingError, TrainResult
 from mtl.tune import TuneSettings, check_settings
 from mtl.tune import space as search_space
 from mtl.tune import study as tune_study
@@ -92,8 +92,7 @@ def scripted_train(fail_on=(), interrupt_on=(), same_f1=False):
                 raise KeyboardInterrupt
             f1s.append(0.9 - 0.1 * (0 if same_f1 else n) + 0.01 * epoch)
             on_epoch(epoch, {"f1": f1s[-1]})
-        return {"out": cfg.out, "best_f1": max(f1s), "best_epoch": len(f1s), "metrics": {"f1": max(f1s)},
-                "epochs_run": len(f1s)}
+        return TrainResult(cfg.out, max(f1s), len(f1s), {"f1": max(f1s)}, len(f1s))
     return train
 
 
@@ -370,7 +369,22 @@ def test_sampled_values_become_a_config(tune_data):
 
 @pytest.mark.parametrize("name", ["search_space.yaml", "search_space_wide.yaml"])
 def test_shipped_search_spaces_fit_the_default_config(tune_data, name):
-    settings = check_settings(TuneSettings(space=str(ROOT / "configs" / name),
-                                           config=str(ROOT / "configs" / "default.yaml"),
+    default = ROOT / "configs" / "default.yaml"
+    settings = check_settings(TuneSettings(space=str(ROOT / "configs" / name), config=str(default),
                                            overrides={"data": str(tune_data)}))
-    search_space.check_space(search_space.load_space(settings.space), settings, settings.space)
+    space = search_space.load_space(settings.space)
+    base = search_space.check_space(space, settings, settings.space)
+    assert base.to_dict() == config.build({"data": str(tune_data), "progress": False}, default).to_dict()
+    for where in ("low", "mid", "high"):  # every corner of the space is a config that trains what was asked
+        values = search_space.point(space, where, base.losses)
+        cfg = config.build({"data": str(tune_data), **search_space.to_overrides(values, base.losses)}, default)
+        for key, spec in ((k, v) for k, v in space.items() if k in values):  # NOTE: not the options a loss lacks
+            task, _, option = key.partition(".")[2].partition(".")
+            got = cfg.losses[task][option] if key.startswith("losses.") else getattr(cfg, key)
+            assert got == values[key], (where, key, got)
+            if spec["type"] == "loss_weights":
+                assert sum(got) == pytest.approx(search_space.LOSS_WEIGHT_SUM), (where, key, got)
+            elif spec["type"] == "categorical":
+                assert got in spec["choices"], (where, key, got)
+            else:
+                assert spec["low"] <= got <= spec["high"], (where, key, got)

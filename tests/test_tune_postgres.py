@@ -142,11 +142,13 @@ def wait_for(condition, what, timeout=300):
 
 
 def running_trial_of(study, pid):
-    """The number of the trial process `pid` is running, per the study's storage (its worker record), or None."""
+    """The number of the trial process `pid` is running past its sampling, per the study's storage (its worker record
+    and its config, recorded once every value is drawn), or None."""
     from optuna.trial import TrialState
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
-        if isinstance(worker, dict) and worker.get("pid") == pid and worker.get("trial") == t.number:
+        if isinstance(worker, dict) and worker.get("pid") == pid and worker.get("trial") == t.number \
+                and "config" in t.user_attrs:  # NOTE: a trial killed mid-sampling has only some of its values
             return t.number
     return None
 

@@ -58,10 +58,10 @@ __all__ = ["DEFAULT_SPACE", "TuneSettings", "TuningError", "check_settings", "tu
 def tune(settings: TuneSettings, log=print) -> dict:
     """Run (or continue) a study until it has --trials finished trials (or finished and running elsewhere); write
     its outputs; return a summary."""
-    quiet_optuna()
     settings = check_settings(settings)
     space = load_space(settings.space)
     base = check_space(space, settings, settings.space)
+    quiet_optuna()  # NOTE: optuna loads once the flags and the space are known to be good
     for key in (k for k in space if k in settings.overrides):
         log(f"warning: {key} is searched ({settings.space}), so its value from the command line is not used")
     settings = dataclasses.replace(settings, storage=resolve_storage(settings, log))

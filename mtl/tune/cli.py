@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from mtl.cli import add_train_arguments, overrides_from_args
+from mtl.cli import ArgumentParser, add_train_arguments, overrides_from_args
+from mtl.names import PRUNERS
 
 INTERRUPTED = "interrupted: the study is kept; run the same command again to continue it"
 DESCRIPTION = """Search loss weights and learning rate (or any training setting) with Optuna.
@@ -37,7 +38,7 @@ DataLoader workers of a trial are --loader-workers, since --workers counts trial
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", help="base YAML config of every trial (see configs/); flags override it")
     group = parser.add_argument_group("tuning")
     group.add_argument("--trials", metavar="N", type=int, default=50,
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "study.db, or journal.log with --workers, in the study folder)")
     group.add_argument("--out", metavar="DIR", dest="study_out", help="study folder (default runs/tune/<study name>)")
     group.add_argument("--timeout", metavar="S", type=float, help="start no new trial after this many seconds")
-    group.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+    group.add_argument("--pruner", default="median", choices=PRUNERS,
                        help="stop weak trials early: median (default; after 5 trials, from --pruner-warmup on), "
                             "hyperband, none")
     group.add_argument("--pruner-warmup", metavar="E", type=int,

@@ -68,13 +68,13 @@ class Objective:
 
             # NOTE: the study writes each trial's hparams (its searched values) itself, once: see log_trial_tensorboard
             result = mtl.train.train(cfg, on_epoch=on_epoch, log=tlog, log_hparams=False)
-            if not math.isfinite(result["best_f1"]):
-                raise TuningError(f"validation F1 is {result['best_f1']}")
-            trial.set_user_attr("epochs_run", int(result["epochs_run"]))
-            trial.set_user_attr("best_epoch", int(result["best_epoch"]))
-            trial.set_user_attr("metrics", {k: float(v) for k, v in result["metrics"].items()
+            if not math.isfinite(result.best_f1):
+                raise TuningError(f"validation F1 is {result.best_f1}")
+            trial.set_user_attr("epochs_run", int(result.epochs_run))
+            trial.set_user_attr("best_epoch", int(result.best_epoch))
+            trial.set_user_attr("metrics", {k: float(v) for k, v in result.metrics.items()
                                             if isinstance(v, (int, float))})
-            return float(result["best_f1"])
+            return float(result.best_f1)
         except optuna.TrialPruned as exc:
             tlog(str(exc))
             raise

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from mtl.config import CONFIGS
 from mtl.errors import ConfigError, MTLError
+from mtl.names import PRUNERS
 
 DEFAULT_SPACE = CONFIGS / "search_space.yaml"
-
-PRUNERS = ("median", "hyperband", "none")
 
 HEARTBEAT_INTERVAL_S, HEARTBEAT_GRACE_S = 60, 180  # NOTE: a trial silent for 3 minutes is dead: run it again
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from mtl import config, labels
+from mtl import config, labels, names
 from mtl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,9 +42,9 @@ def load_space(path) -> dict:
 def _check_key(path, key):
     if key.startswith("losses."):
         parts = key.split(".")
-        if len(parts) != 3 or parts[1] not in config.TASK_LOSS_DEFAULTS or not parts[2]:
+        if len(parts) != 3 or parts[1] not in labels.LOSS_TASKS or not parts[2]:
             raise ConfigError(f"{path}: {key}: loss keys look like losses.<task>.<option> with task one of "
-                              f"{', '.join(config.TASK_LOSS_DEFAULTS)} (e.g. losses.age.label_smoothing)")
+                              f"{', '.join(labels.LOSS_TASKS)} (e.g. losses.age.label_smoothing)")
     elif key not in config.FIELDS:
         raise ConfigError(f"{path}: unknown key {key!r}: not a training setting (TrainConfig in mtl/config.py) "
                           f"nor losses.<task>.<option>")
@@ -114,14 +114,13 @@ def _ordered(space):
 
 def _inactive(key, values, base_losses) -> bool:
     """A loss option the (sampled) loss of its task does not take: left out of this trial."""
-    from mtl.losses import LOSS_OPTIONS
     if not key.startswith("losses.") or key.endswith(".name"):
         return False
     _, task, option = key.split(".")
     name_key = f"losses.{task}.name"
     if name_key not in values:
         return False  # NOTE: a fixed loss that lacks the option is a config error, not a conditional
-    return option not in LOSS_OPTIONS.get(values[name_key], ())
+    return option not in names.LOSS_OPTIONS.get(values[name_key], ())
 
 
 def sample(trial, space, base_losses) -> dict:
@@ -189,7 +188,6 @@ def _corner(spec, where):
 
 def to_overrides(values: dict, base_losses: dict) -> dict:
     """Sampled values -> TrainConfig overrides; losses.<task>.<option> keys go into that task's full loss spec."""
-    from mtl.losses import LOSS_OPTIONS
     overrides = {k: v for k, v in values.items() if not k.startswith("losses.")}
     dotted = [k for k in _ordered(values) if k.startswith("losses.")]
     if dotted:
@@ -198,7 +196,7 @@ def to_overrides(values: dict, base_losses: dict) -> dict:
             _, task, option = key.split(".")
             if option == "name":  # NOTE: a new loss keeps only the base options it takes
                 losses[task] = {"name": values[key], **{o: v for o, v in losses[task].items()
-                                                        if o in LOSS_OPTIONS.get(values[key], ())}}
+                                                        if o in names.LOSS_OPTIONS.get(values[key], ())}}
             else:
                 losses[task][option] = values[key]
         overrides["losses"] = losses
@@ -223,6 +221,8 @@ def check_space(space: dict, settings: TuneSettings, path) -> config.TrainConfig
             raise ConfigError(f"{path}: the search space gives a bad config at {where} "
                               f"({describe(values)}): {exc}") from None
     from mtl.data import read_people
+    from mtl.model import check_trunk
+    check_trunk(base.model, base.pretrained_file)  # NOTE: not only in each trial, where the model is built
     read_people(base.data)  # NOTE: a missing data folder stops here, not in every trial
     return base
 
