@@ -22,7 +22,12 @@ How `fit` works, in four steps:
 4. the result is scored by `metrics.predict_classes` / `metrics.macro_f1` themselves (f1_before, f1_after),
    and kept only if it raises F1 on these photos by more than `min_gain`; offsets that do not are searched
    for once more without the smoothing below, and if those do not either, every offset stays 0. So fit
-   never lowers F1 on the photos it is given, and changes no answer of a model it cannot improve there.
+   never lowers F1 on the photos it is given, and changes no answer of a model it cannot improve there;
+5. given `groups` (who each photo shows), the same fit is cross-validated by person (5 folds: fitted on
+   the other folds' people, each fold's photos answered with those offsets), and the offsets are kept only
+   if that raises F1 by more than `min_gain` on people they were not fitted on (`cv_gain`). Validation
+   sets hold few people (seven photos each in the competition), so a gain on the photos fitted can be
+   that of a handful of people; training passes the person ids. `tasks` limits which heads may move.
 
 Guarding against overfitting a small validation set: the value scored in step 3 is not F1 at that offset
 but F1 averaged over every grid value within `smooth` (0.8) of it, the expected F1 when the boundary is
@@ -60,6 +65,7 @@ MIN_GAIN = 0.002
 MIN_PHOTOS = 200
 MIN_SUPPORT = 5
 MAX_SWEEPS = 20
+CV_FOLDS = 5                                                  # person-level folds of the cross-validated check
 EPS = 1e-30                                                   # log(0) stand-in: such a class never wins
 
 
@@ -81,6 +87,7 @@ class Calibration:
     f1_after: float
     fitted_on: int
     notes: tuple = ()
+    cv_gain: float | None = None
 
     def __post_init__(self):
         offsets = check_offsets(self.offsets)
@@ -98,6 +105,10 @@ class Calibration:
         object.__setattr__(self, "f1_after", float(self.f1_after))
         object.__setattr__(self, "fitted_on", int(self.fitted_on))
         object.__setattr__(self, "notes", tuple(notes))
+        if self.cv_gain is not None:
+            if not (_is_number(self.cv_gain) and -1.0 <= self.cv_gain <= 1.0):
+                raise CalibrationError(f"calibration cv_gain must be a number from -1 to 1, got {self.cv_gain!r}")
+            object.__setattr__(self, "cv_gain", float(self.cv_gain))
 
     @property
     def joint(self) -> bool:
@@ -113,7 +124,7 @@ class Calibration:
         """Plain data (JSON-able, and loadable by torch.load(weights_only=True)) for checkpoints and model.json."""
         return {"version": VERSION, "offsets": {t: list(v) for t, v in self.offsets.items()},
                 "f1_before": self.f1_before, "f1_after": self.f1_after, "fitted_on": self.fitted_on,
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "cv_gain": self.cv_gain}
 
     @classmethod
     def from_dict(cls, record) -> Calibration:
@@ -127,7 +138,7 @@ class Calibration:
         if missing:
             raise CalibrationError(f"calibration record lacks {', '.join(missing)}")
         return cls(record["offsets"], record["f1_before"], record["f1_after"], record["fitted_on"],
-                   record.get("notes", ()))
+                   record.get("notes", ()), record.get("cv_gain"))
 
 
 def _is_number(value) -> bool:
@@ -267,18 +278,25 @@ def _take(probs: dict, rows) -> dict:
     return {k: np.asarray(v)[rows] for k, v in probs.items() if k in SIZES}
 
 
-def fit(probs: dict, truth: dict, schema, *, limit: float = LIMIT, step: float = STEP, smooth: float = SMOOTH,
-        min_gain: float = MIN_GAIN, min_photos: int = MIN_PHOTOS, min_support: int = MIN_SUPPORT,
-        max_sweeps: int = MAX_SWEEPS) -> Calibration:
+def fit(probs: dict, truth: dict, schema, *, groups=None, tasks=None, folds: int = CV_FOLDS, limit: float = LIMIT,
+        step: float = STEP, smooth: float = SMOOTH, min_gain: float = MIN_GAIN, min_photos: int = MIN_PHOTOS,
+        min_support: int = MIN_SUPPORT, max_sweeps: int = MAX_SWEEPS) -> Calibration:
     """Offsets maximising the 18-class macro F1 of apply(probs) against truth (see the module's docstring).
 
     probs: numpy per-task probabilities ('mask' (N,3), 'gender' (N,2), 'age' (N,3), optionally 'joint' (N,18):
     then the 18 joint offsets are fitted, as recombine answers from 'joint'); truth: what metrics.score takes;
     schema: the LabelSchema (or age threshold) that reads truth's ages. Uses only the photos given. Offsets
     lie on a grid from -limit to limit by step; smooth is the half-width of the neighbourhood F1 is averaged over.
+    groups: who each photo shows (person ids): the offsets are then kept only if, cross-validated by person
+    (`folds` folds: fitted on the others, scored on each fold's people), they raise F1 by more than min_gain on
+    people they were not fitted on (cv_gain records that estimate). tasks: the heads whose offsets may move
+    (default all three; ignored for joint18, whose 18 offsets all may).
     """
     schema = labels.as_schema(schema)
     decisions = ("joint",) if "joint" in probs else HEAD_TASKS
+    movable = set(decisions) if tasks is None or decisions == ("joint",) else set(tasks)
+    if not movable <= set(decisions):
+        raise ValueError(f"tasks must be among {', '.join(decisions)}, got {', '.join(sorted(movable))}")
     y_all = _class_truth(truth, schema)
     for task in decisions:
         shape = np.shape(probs[task]) if task in probs else "missing"
@@ -306,7 +324,8 @@ def fit(probs: dict, truth: dict, schema, *, limit: float = LIMIT, step: float =
         if rare:
             notes.append(f"{task}: fewer than {min_support} photos of " + ", ".join(names[c] for c in rare)
                          + ": offset left at 0")
-        free += [(task, c) for c in range(1, SIZES[task]) if support[c] >= min_support]
+        if task in movable:
+            free += [(task, c) for c in range(1, SIZES[task]) if support[c] >= min_support]
 
     # 2. coordinate ascent on the smoothed F1, then (should that not raise F1 on these photos) on F1 itself
     logp = {t: np.log(np.maximum(np.asarray(kept[t], dtype=np.float64), EPS)) for t in decisions}
@@ -322,10 +341,46 @@ def fit(probs: dict, truth: dict, schema, *, limit: float = LIMIT, step: float =
         # 3. scored by the metric itself on the calibrated probabilities; kept only for a gain above min_gain
         f1_after = metrics.macro_f1(y, metrics.predict_classes(apply(kept, fitted)))
         if f1_after > f1_before + min_gain:
-            return dataclasses.replace(fitted, f1_after=f1_after)
+            fitted = dataclasses.replace(fitted, f1_after=f1_after)
+            break
         notes.append(f"the offsets found {'with' if window else 'without'} smoothing score {f1_after:.4f} on these "
                      f"photos, not above {f1_before:.4f} + {min_gain:g}: not kept")
-    return Calibration(zeros, f1_before, f1_before, n, tuple(notes))
+    else:
+        return Calibration(zeros, f1_before, f1_before, n, tuple(notes))
+    if fitted.is_identity:
+        return Calibration(zeros, f1_before, f1_before, n, tuple(notes))
+    if groups is None:
+        return fitted
+    # 4. the same fit, cross-validated by person: does it raise F1 on people it was not fitted on?
+    options = dict(tasks=tasks, limit=limit, step=step, smooth=smooth, min_gain=min_gain, min_photos=min_photos,
+                   min_support=min_support, max_sweeps=max_sweeps)
+    gain = cross_validated_gain(kept, y, np.asarray(groups)[known], schema, folds, options)
+    if gain is None:
+        notes.append(f"too few people to cross-validate the offsets by person (< {folds * 2}): not kept")
+        return Calibration(zeros, f1_before, f1_before, n, tuple(notes))
+    if gain <= min_gain:
+        notes.append(f"cross-validated by person, the offsets change F1 on people they were not fitted on by "
+                     f"{gain:+.4f} (not above {min_gain:g}): not kept")
+        return Calibration(zeros, f1_before, f1_before, n, tuple(notes), cv_gain=gain)
+    return dataclasses.replace(fitted, cv_gain=gain)
+
+
+def cross_validated_gain(probs: dict, y: np.ndarray, groups: np.ndarray, schema, folds: int, options: dict):
+    """F1 of the answers when each person's photos are calibrated by offsets fitted on the other folds' people,
+    minus F1 of the raw answers (None with fewer than 2 * folds people). Folds are drawn by a fixed seed."""
+    people = np.unique(groups)
+    if len(people) < 2 * folds:
+        return None
+    fold_of_person = np.random.default_rng(0).permutation(len(people)) % folds
+    fold = fold_of_person[np.searchsorted(people, groups)]
+    truth = dict(zip(("mask", "gender", "age_group"), labels.split_index(y)))
+    answers = metrics.predict_classes(probs).copy()
+    raw = answers.copy()
+    for k in range(folds):
+        train, held = fold != k, fold == k
+        offsets = fit(_take(probs, train), {t: v[train] for t, v in truth.items()}, schema, **options)
+        answers[held] = metrics.predict_classes(apply(_take(probs, held), offsets))
+    return metrics.macro_f1(y, answers) - metrics.macro_f1(y, raw)
 
 
 def switch_points(logp: np.ndarray, offsets: np.ndarray, c: int, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -348,3 +348,46 @@ def test_a_bad_record_is_a_one_line_error(record, message):
         Calibration.from_dict(record)
     assert isinstance(caught.value, ConfigError) and isinstance(caught.value, ValueError)
     assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- cross-validated by person, and which heads move
+def people_of(n: int, photos_per_person: int = 7) -> np.ndarray:
+    return np.arange(n) // photos_per_person
+
+
+def test_offsets_that_hold_for_new_people_are_kept_with_their_cross_validated_gain():
+    probs, truth = synthetic(3000, seed=0)  # 60+ under-confident by 1.5 nats for everyone: a gain that generalises
+    fitted = calibration.fit(probs, truth, SCHEMA, groups=people_of(3000))
+    assert not fitted.is_identity and fitted.cv_gain is not None and fitted.cv_gain > 0.01
+    assert fitted.offsets == calibration.fit(probs, truth, SCHEMA).offsets  # the check keeps or drops, never moves
+    assert Calibration.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
+
+
+def test_offsets_fitted_to_noise_are_not_kept_when_they_do_not_hold_for_new_people():
+    rng = np.random.default_rng(3)
+    n = 700  # 100 people of 7 photos: answers that carry no signal, so whatever offsets win here win by chance
+    truth = {"mask": rng.integers(0, 3, n), "gender": np.repeat(rng.integers(0, 2, n // 7), 7),
+             "age_group": np.repeat(rng.integers(0, 3, n // 7), 7)}
+    probs = {"mask": rng.dirichlet(np.ones(3), n), "gender": rng.dirichlet(np.ones(2), n),
+             "age": rng.dirichlet(np.ones(3), n)}
+    plain = calibration.fit(probs, truth, SCHEMA)
+    assert not plain.is_identity and plain.f1_after > plain.f1_before  # it does fit the noise it is given ...
+    checked = calibration.fit(probs, truth, SCHEMA, groups=people_of(n))
+    assert checked.is_identity and checked.f1_after == checked.f1_before  # ... which fails on people left out
+    assert checked.cv_gain is not None and checked.cv_gain <= calibration.MIN_GAIN
+    assert any("cross-validated by person" in note for note in checked.notes)
+
+
+def test_too_few_people_to_cross_validate_keep_nothing():
+    probs, truth = synthetic(600, seed=0)
+    fitted = calibration.fit(probs, truth, SCHEMA, groups=np.arange(600) % 6)  # 6 people, 100 photos each
+    assert fitted.is_identity and any("too few people" in note for note in fitted.notes)
+
+
+def test_tasks_names_the_heads_whose_offsets_may_move():
+    probs, truth = synthetic(3000, seed=0)
+    age_only = calibration.fit(probs, truth, SCHEMA, tasks=("age",))
+    assert age_only.offsets["mask"] == (0.0,) * 3 and age_only.offsets["gender"] == (0.0,) * 2
+    assert age_only.offsets["age"][2] > 0  # the under-confident 60+ group is raised
+    with pytest.raises(ValueError, match="tasks must be among"):
+        calibration.fit(probs, truth, SCHEMA, tasks=("age", "colour"))
