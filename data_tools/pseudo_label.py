@@ -4,7 +4,8 @@ Use it only where the competition's rules allow it: training on the test (eval) 
 true labels, is forbidden by many competitions. Check the rules before submitting a model trained this way.
 
 The checkpoint(s) (several, or globs, make a soft ensemble, exactly as in predict.py: same checks, same
-preprocessing, same forward pass) predict every photo of DATA/eval/info.csv. Each task is judged on its
+preprocessing, same forward pass, each checkpoint's own calibration applied unless --no-calibration) predict
+every photo of DATA/eval/info.csv. Each task is judged on its
 own: a photo gets the task's most likely class when that probability is at least --min-confidence (or
 the task's own --min-confidence-mask/-gender/-age), and -1 (unknown) otherwise, so its loss is masked
 out in training. Photos where no task passes the bar are left out. OUT is the partial-label table of
@@ -118,10 +119,10 @@ def check_args(args):
 def run(args, log=print) -> dict:
     """Check every input, predict the eval photos (soft ensemble), keep the confident tasks, write OUT atomically."""
     # NOTE: mtl.members imports timm (seconds); imported here so --help and argument errors stay quick
-    from mtl.ensemble import check_weights, combine
-    from mtl.members import check_face_crop, load_members, open_sources
+    from mtl.ensemble import check_weights
+    from mtl.members import calibration_state, check_face_crop, load_members, open_sources
     from mtl.outputs import check_output, write_all
-    from mtl.predictor import predict_sources
+    from mtl.predictor import Prediction, predict_sources
     bars = check_args(args)
     out = check_output(args.out)
     if out.exists() and not args.overwrite:
@@ -138,12 +139,13 @@ def run(args, log=print) -> dict:
     if problems:
         raise DataError(data.format_problems(problems, "bad eval photo"))
     log(f"{len(members)} checkpoint(s), {len(samples)} eval photos, TTA {', '.join(args.tta) or 'none'}, "
-        f"age threshold {schema.age_threshold}; bars " + ", ".join(f"{t} {b:g}" for t, b in bars.items()))
+        f"age threshold {schema.age_threshold}, {calibration_state(members, args.calibration)}; bars "
+        + ", ".join(f"{t} {b:g}" for t, b in bars.items()))
 
     member_probs, _ = predict_sources(members, samples, sources, batch_size=args.batch_size, workers=args.workers,
                                       device=args.device, amp=args.amp, tta=args.tta, progress=args.progress)
-    result = combine(member_probs, weights, "soft")
     image_ids = info["ImageID"].str.strip().tolist()
+    result = Prediction.of(image_ids, members, member_probs, weights=weights, calibration=args.calibration).ensemble
     found = pseudo_labels(result.probs, bars, schema, use_age_reg=args.age_reg)
     table = pseudo_table(samples, image_ids, found)
     if len(table) == 0:

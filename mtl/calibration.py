@@ -141,6 +141,17 @@ class Calibration:
                    record.get("notes", ()), record.get("cv_gain"))
 
 
+def summary(calibration: Calibration) -> str:
+    """What a calibration did, for logs: F1 before and after on the photos fitted, the gain cross-validated by person,
+    the offsets that moved; then each note on a line of its own."""
+    moved = "; ".join(f"{task} {' '.join(f'{v:+.2f}' for v in offs)}"
+                      for task, offs in calibration.offsets.items() if any(offs)) or "all 0"
+    cv = f", {calibration.cv_gain:+.4f} cross-validated by person" if calibration.cv_gain is not None else ""
+    line = (f"18-class F1 {calibration.f1_before:.4f} -> {calibration.f1_after:.4f} on the {calibration.fitted_on} "
+            f"photos fitted{cv}; offsets {moved}")
+    return "\n".join([line, *(f"  {note}" for note in calibration.notes)])
+
+
 def _is_number(value) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool) \
         and math.isfinite(value)

@@ -7,6 +7,12 @@ transforms.eval_transform rebuilds the input pipeline from), epoch (last finishe
 loss (learned loss weights) and train_state (run_files.Progress: steps, the best epoch, early stopping).
 `label_schema` reads the schema back (every version written so far): it is what inference uses; the
 config's age_threshold is the setting that made it, kept so the run can be repeated.
+
+Answers tuned for macro F1 (mtl.calibration): `calibration` is the record (Calibration.to_dict) of the offsets
+fitted on that epoch's validation probabilities (with --all-folds best.pt's is the one fitted out of fold; a soup's
+is refitted on its fold), or None (--calibrate none, or a checkpoint written before; `calibration_of` reads it);
+`validation` holds those probabilities with the truth and person ids they were fitted on (`validation_record`,
+`read_validation`), so --all-folds fits its out-of-fold calibration without another forward pass.
 """
 from __future__ import annotations
 
@@ -63,6 +69,45 @@ def label_schema(checkpoint: dict) -> labels.LabelSchema:
         return labels.LabelSchema.from_dict(checkpoint["schema"])
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def calibration_of(checkpoint: dict):
+    """The checkpoint's mtl.calibration.Calibration, None without one, or a one-line ConfigError naming the file."""
+    record = checkpoint.get("calibration")
+    if record is None:
+        return None
+    from mtl.calibration import Calibration, CalibrationError
+    where = checkpoint.get("path", "checkpoint")
+    try:
+        calibration = Calibration.from_dict(record)
+    except CalibrationError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    joint = checkpoint.get("config", {}).get("arch") == "joint18"
+    if calibration.joint != joint:
+        fitted, model = ("joint18", "per-task heads") if calibration.joint else ("per-task heads", "joint18")
+        raise ConfigError(f"{where}: its calibration was fitted for a {fitted} model, but the model is {model}")
+    return calibration
+
+
+def validation_record(probs: dict, truth: dict, person_ids) -> dict:
+    """An epoch's validation probabilities, truth (mask, gender, age_group, age_years) and person ids, as a checkpoint
+    stores them (tensors and text: torch.load(weights_only=True) reads them)."""
+    import numpy as np
+    import torch
+    return {"probs": {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in probs.items()},
+            "truth": {k: torch.from_numpy(np.asarray(truth[k], dtype=np.int64))
+                      for k in ("mask", "gender", "age_group", "age_years")},
+            "person_id": [str(p) for p in person_ids]}
+
+
+def read_validation(checkpoint: dict):
+    """(probabilities, truth, person ids) as numpy arrays from a checkpoint's `validation`, or None without one."""
+    import numpy as np
+    record = checkpoint.get("validation")
+    if not record:
+        return None
+    return ({k: v.numpy() for k, v in record["probs"].items()}, {k: v.numpy() for k, v in record["truth"].items()},
+            np.asarray(record["person_id"], dtype=object))
 
 
 def check_resumable(checkpoint: dict, cfg) -> None:

@@ -39,6 +39,13 @@ def add_inference_arguments(group):
     group.add_argument("--cache-dir", help="decoded-image cache folder (default ~/.cache/mtl or $MTL_CACHE_DIR)")
     group.add_argument("--no-cache", dest="cache", action="store_false", help="decode the photos without the cache")
     group.add_argument("--no-progress", dest="progress", action="store_false")
+    add_calibration_flag(group)
+
+
+def add_calibration_flag(group):
+    """--no-calibration (predict.py, mtl.soup, data_tools.pseudo_label, mtl.export): answers from the raw heads."""
+    group.add_argument("--no-calibration", dest="calibration", action="store_false",
+                       help="use the heads' raw probabilities, not the offsets fitted after training")
 
 
 def add_fold_flags(group, member="checkpoint", skip_bad_help=None):

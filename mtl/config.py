@@ -111,6 +111,8 @@ class TrainConfig:
     cutmix: float = setting()
     mix_prob: float = setting()
     patience: int = setting()
+    # calibration
+    calibrate: list[str] = setting(names.CALIBRATE, nargs="+", metavar="HEAD")
     # running
     device: str = setting()
     resume: str | None = setting()
@@ -362,9 +364,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """
     cfg.age_threshold = labels.check_threshold(cfg.age_threshold)
     for name in FIELDS:
-        known = choices(name)
-        if known is not None and getattr(cfg, name) not in known:
-            raise ConfigError(f"{flag_name(name)} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")
+        known, value = choices(name), getattr(cfg, name)
+        if known is not None and any(v not in known for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{flag_name(name)} must be one of {', '.join(known)}, got {value!r}")
+    cfg.calibrate = check_calibrate(cfg.calibrate)
     weights = cfg.loss_weights
     if not isinstance(weights, (list, tuple)) or len(weights) != 3:
         raise ConfigError(f"--loss-weights takes three numbers (mask gender age), got {weights!r}")
@@ -399,6 +402,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for task in labels.LOSS_TASKS:
         check_loss_spec(task, cfg.losses[task])
     return cfg
+
+
+def check_calibrate(heads) -> list[str]:
+    """--calibrate's heads in the order of labels.TASKS, each once; 'none' alone (or nothing) -> []."""
+    if "none" in heads and len(heads) > 1:
+        raise ConfigError(f"--calibrate takes heads ({', '.join(labels.TASKS)}) or none alone, got {' '.join(heads)}")
+    return [task for task in labels.TASKS if task in heads]
 
 
 def dump(cfg: TrainConfig) -> str:

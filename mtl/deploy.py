@@ -1,7 +1,8 @@
 """The deployable model and its exporters: what `python -m mtl.export` writes (ONNX, TorchScript) and checks.
 
 `DeployModel` is the whole model for deployment: uint8 RGB photos (batch, H, W, 3) in, per-task probabilities
-and the 18-class recombination out. EXPORTERS write a module to a file, RUNNERS run the written file back
+(calibrated by the checkpoint's offsets, mtl.calibration.CalibrationLayer, when it is given one) and the
+18-class recombination of those out. EXPORTERS write a module to a file, RUNNERS run the written file back
 (onnxruntime, torch.jit.load), and `check_file` fails unless the file computes what PyTorch computes;
 `diagnose` names the part (a trunk or a head) that cannot be exported.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtl.calibration import CalibrationLayer
 from mtl.errors import MTLError
 from mtl.metrics import head_probs, recombine
 
@@ -28,7 +30,8 @@ CHECK_BATCHES = (1, 3)    # NOTE: neither is EXAMPLE_BATCH, so a batch size froz
 OUTPUTS = {"mask": "probabilities of wear, incorrect, not wear (batch, 3)",
            "gender": "probabilities of male, female (batch, 2)",
            "age": "probabilities of the three age groups (batch, 3)",
-           "classes": "probabilities of the 18 classes, class = mask*6 + gender*3 + age = argmax (batch, 18)",
+           "classes": "probabilities of the 18 classes, class = mask*6 + gender*3 + age = argmax (batch, 18); all "
+                      "of them calibrated when the record's calibration is set",
            "age_years": "regressed age in years (batch,); only when the model was trained with --age-reg-weight"}
 
 
@@ -37,14 +40,16 @@ class ExportError(MTLError):
 
 
 class DeployModel(nn.Module):
-    """The whole model for deployment: uint8 RGB photos (B, H, W, 3) in, per-task probabilities out."""
+    """The whole model for deployment: uint8 RGB photos (B, H, W, 3) in, per-task probabilities out, calibrated when
+    given a calibration (as predict.py applies it: each head's, or the joint distribution's, then the 18 classes)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, calibration=None):
         super().__init__()
         self.model = model
+        self.calibrate = CalibrationLayer(calibration)
 
     def forward(self, image):
-        probs = head_probs(self.model(image.permute(0, 3, 1, 2)))
+        probs = self.calibrate(head_probs(self.model(image.permute(0, 3, 1, 2))))
         out = {"mask": probs["mask"], "gender": probs["gender"], "age": probs["age"], "classes": recombine(probs)}
         if "age_reg" in probs:
             out["age_years"] = probs["age_reg"]

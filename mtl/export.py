@@ -8,10 +8,13 @@ layout, `image` of shape (batch, H, W, 3) at the size the checkpoint was trained
 size), so a deployment only resizes its photos and stacks them; the trunk's normalization is inside.
 Its outputs are probabilities: `mask` (batch, 3), `gender` (batch, 2), `age` (batch, 3),
 `classes` (batch, 18: the 18-class recombination, class = argmax) and `age_years` (batch,) when the
-model regresses age. Beside it, `model.json` (the model's name with .json) holds `labels` (each
-task's class names, the age groups named at the checkpoint's threshold, and the 18 class names),
-`age_threshold`, `input_size` ([width, height]), `face_crop` (the crop_faces settings the model was
-trained on, or null), the rest of the preprocessing and the input and output layout.
+model regresses age. The checkpoint's calibration (offsets fitted after training for macro F1) is inside:
+the probabilities are calibrated as predict.py calibrates them, and `classes` recombines those;
+--no-calibration exports the raw heads. Beside it, `model.json` (the model's name with .json) holds
+`labels` (each task's class names, the age groups named at the checkpoint's threshold, and the 18 class
+names), `age_threshold`, `input_size` ([width, height]), `face_crop` (the crop_faces settings the model
+was trained on, or null), `calibration` (the record applied inside, or null), the rest of the
+preprocessing and the input and output layout.
 
 The command checks its own output before it keeps it: it runs the exported file (onnxruntime for
 ONNX, torch.jit.load for TorchScript) on sample photos at two batch sizes, neither the one it was
@@ -26,14 +29,15 @@ import argparse
 import json
 from pathlib import Path
 
-from mtl.cli import ArgumentParser
+from mtl.cli import ArgumentParser, add_calibration_flag
 from mtl.errors import ConfigError
 from mtl.names import EXPORT_FORMATS
 
 
 # ---------------------------------------------------------------- the record beside the model
-def record_for(member, fmt, model_file, outputs) -> dict:
-    """model.json: labels, age_threshold, input_size [W, H], face_crop, preprocessing, input and output layout."""
+def record_for(member, fmt, model_file, outputs, calibration=None) -> dict:
+    """model.json: labels, age_threshold, input_size [W, H], face_crop, calibration (the Calibration inside, or None),
+    preprocessing, input and output layout."""
     from mtl.deploy import INPUT_NAME, OUTPUTS
     schema = member.schema
     names = schema.class_names
@@ -43,6 +47,7 @@ def record_for(member, fmt, model_file, outputs) -> dict:
             "labels": {**{t: list(n) for t, n in names.items()}, "classes": list(schema.joint_names)},
             "age_threshold": schema.age_threshold, "input_size": [width, height],
             "face_crop": preprocess.get("face_crop"),
+            "calibration": calibration.to_dict() if calibration is not None else None,
             "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
                       "shape": ["batch", height, width, 3],
                       "normalization": "inside the model (mean and std below, applied to pixels / 255)"},
@@ -63,9 +68,10 @@ def json_path(out) -> Path:
 
 
 # ---------------------------------------------------------------- the command
-def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", *, opset=None, tolerance=None, log=print) -> dict:
+def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", *, opset=None, tolerance=None, calibration=True,
+                      log=print) -> dict:
     """Export, check and write a checkpoint (a path, a loaded dict or a members.Member) and its JSON record; returns the
-    record."""
+    record. calibration: apply the checkpoint's calibration inside the model (false: the raw heads)."""
     import torch
 
     from mtl.deploy import (
@@ -92,7 +98,8 @@ def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", *, opset=None, t
         raise ConfigError(f"--out {out}: give the model file a name not ending in .json (the record goes there)")
     member = as_members([checkpoint])[0]
     model = member.build_model().eval()
-    module = DeployModel(model).eval().requires_grad_(False)  # NOTE: a deployment's outputs need no .detach()
+    applied = member.calibration if calibration else None
+    module = DeployModel(model, applied).eval().requires_grad_(False)  # NOTE: a deployment's outputs need no .detach()
     width, height = (int(v) for v in member.preprocess["img_size"])
     example = sample_photos(width, height, EXAMPLE_BATCH)
     with torch.inference_mode():
@@ -108,12 +115,13 @@ def export_checkpoint(checkpoint, fmt="onnx", out="model.onnx", *, opset=None, t
             raise ExportError(f"cannot export {member.path} to {fmt}: {where}") from None
         finally:
             cleanup(tmp.parent / f".{tmp.name}.parts")
-        record = record_for(member, fmt, out, names)
+        record = record_for(member, fmt, out, names, applied)
         record["check"] = {"batches": list(CHECK_BATCHES), "tolerance": tolerance,
                            "max_error": {k: float(f"{v:.3g}") for k, v in worst.items()}}
         atomic_write_text(json.dumps(record, indent=2), record_file)
-    log(f"wrote {out} ({fmt}, input uint8 (batch, {height}, {width}, 3) RGB, outputs {', '.join(names)}) and "
-        f"{record_file}; checked against PyTorch at batch sizes {', '.join(map(str, CHECK_BATCHES))}: largest "
+    state = "calibrated" if applied is not None else "no calibration" if calibration else "calibration off"
+    log(f"wrote {out} ({fmt}, input uint8 (batch, {height}, {width}, 3) RGB, outputs {', '.join(names)}, {state}) "
+        f"and {record_file}; checked against PyTorch at batch sizes {', '.join(map(str, CHECK_BATCHES))}: largest "
         f"difference {max(worst.values()):.2g}")
     return record
 
@@ -130,12 +138,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="onnx", choices=EXPORT_FORMATS, help="onnx (default) or torchscript")
     parser.add_argument("--out", required=True, help="model file to write; the JSON record goes beside it (.json)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    add_calibration_flag(parser)
     return parser
 
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
-    return export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset)
+    return export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset, calibration=args.calibration)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ globs, each one a `Member`; every one must hold a label schema and a preprocessi
 schema, age threshold included), check them against the data's face-crop record (`check_face_crop`), decode the
 photos once per load size through the same cache as training (`open_sources`, the one place photos are opened
 for members) and run every member with its own preprocessing (`predict_members`; members that share a record
-share one pass over the photos).
+share one pass over the photos). `calibrated` applies each member's own calibration (the offsets fitted after
+training, mtl.calibration) to its probabilities, before any ensemble sees them.
 """
 from __future__ import annotations
 
@@ -14,22 +15,28 @@ import glob
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtl import checkpoint as ckpt_io
 from mtl import labels
 from mtl.errors import ConfigError, DataError
 
+if TYPE_CHECKING:
+    from mtl.calibration import Calibration  # NOTE: imports torch: read where a checkpoint's record is
+
 
 # ---------------------------------------------------------------- checkpoints
 @dataclasses.dataclass(frozen=True, eq=False)
 class Member:
-    """One checkpoint of a prediction: where it lies, its label schema, preprocessing record and training config, and
-    the whole record `checkpoint.load` read (the weights under 'model'; epoch, metrics, ...)."""
+    """One checkpoint of a prediction: where it lies, its label schema, preprocessing record and training config, the
+    whole record `checkpoint.load` read (the weights under 'model'; epoch, metrics, ...), and its calibration
+    (mtl.calibration.Calibration; None for a checkpoint without one)."""
     path: str
     schema: labels.LabelSchema
     preprocess: dict
     config: dict
     checkpoint: dict = dataclasses.field(repr=False)
+    calibration: Calibration | None = None
 
     @classmethod
     def of(cls, checkpoint: dict) -> Member:
@@ -39,7 +46,8 @@ class Member:
             raise ConfigError(f"{checkpoint.get('path', 'checkpoint')}: no {', '.join(missing)} stored; it was not "
                               f"written by train_multitask.py")
         return cls(path=checkpoint.get("path", "checkpoint"), schema=ckpt_io.label_schema(checkpoint),
-                   preprocess=checkpoint["preprocess"], config=checkpoint["config"], checkpoint=checkpoint)
+                   preprocess=checkpoint["preprocess"], config=checkpoint["config"], checkpoint=checkpoint,
+                   calibration=ckpt_io.calibration_of(checkpoint))
 
     @property
     def load_size(self) -> tuple:
@@ -117,6 +125,23 @@ def check_face_crop(members, data_root, log=print, crop_raw=False) -> list[bool]
             log(f"warning: {member.path} was trained on uncropped photos but {data_root} holds face crops "
                 f"({json.dumps(record)}); its predictions may be poor - pass the uncropped data as --data")
     return needs_crop
+
+
+def calibrated(members, member_probs, on: bool = True) -> list[dict]:
+    """Each member's probabilities with its own calibration applied (calibration.apply; a member without one, or with
+    on false, as they are): what every prediction answers with, before ensembles average or vote."""
+    if not on:
+        return list(member_probs)
+    from mtl.calibration import apply
+    return [apply(probs, member.calibration) for member, probs in zip(members, member_probs)]
+
+
+def calibration_state(members, on: bool) -> str:
+    """What a prediction does about calibration, for its headline: 'calibrated (1 of 2 checkpoint(s) hold offsets)'."""
+    holding = sum(m.calibration is not None for m in members)
+    if not on or not holding:
+        return "calibration off" if not on else "no calibration stored"
+    return f"calibrated ({holding} of {len(members)} checkpoint(s) hold offsets)"
 
 
 # ---------------------------------------------------------------- photos and forward passes

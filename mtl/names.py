@@ -20,6 +20,7 @@ TTA = ("hflip",)  # inference.predict_probs_many: the test-time views averaged w
 ENSEMBLES = ("soft", "hard")  # ensemble.combine
 PRUNERS = ("median", "hyperband", "none")  # tune.study: Optuna's pruner of weak trials
 EXPORT_FORMATS = ("onnx", "torchscript")  # export.EXPORTERS
+CALIBRATE = ("none", "mask", "gender", "age")  # train.fit_calibration: the heads whose offsets move (or none)
 
 # losses.LOSSES: each loss by name, with the options its spec may set (losses.<task>: {name: focal, gamma: 2})
 LOSS_OPTIONS = {

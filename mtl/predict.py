@@ -10,9 +10,10 @@
 3) run every checkpoint with its own preprocessing record over them (`predictor.predict_sources`, the one
    prediction path: members that share a record share one pass over the photos; a checkpoint trained on
    face crops given uncropped photos gets them cropped with its own settings, unless --refuse-uncropped);
-4) combine: `soft` averages each head's probabilities (weighted) and recombines them with
-   `metrics.recombine`; `hard` is a weighted vote of the members' 18-class answers, ties going to
-   the soft result;
+4) calibrate and combine: each checkpoint's own calibration (offsets fitted after training to maximise
+   macro F1; --no-calibration leaves the raw probabilities) is applied to its probabilities, then `soft`
+   averages each head's probabilities (weighted) and recombines them with `metrics.recombine`; `hard` is a
+   weighted vote of the members' 18-class answers, ties going to the soft result;
 5) write atomically: the submission (ImageID,ans in info.csv order), --save-probs, or with
    --validate a report on one fold's validation people (per-class metrics, confusion matrices,
    the most confident mistakes, the people most often wrong); an output that cannot be written
@@ -22,7 +23,8 @@
 folders or globs, one row of names and probabilities per photo, through `mtl.Predictor`) each return a
 `predictor.Prediction`; `predict_from_probs` (--from-probs) redoes an ensemble from probability files without
 a forward pass. Probability files (--save-probs) hold one row per photo and ensemble member: ImageID,
-checkpoint, age_threshold, mask_0..2, gender_0..1, age_0..2 (+ joint_0..17, age_reg when the model has them).
+checkpoint, age_threshold, mask_0..2, gender_0..1, age_0..2 (+ joint_0..17, age_reg when the model has them): what
+each member answered, calibrated unless --no-calibration (--from-probs applies nothing more).
 
 The steps live where other commands share them: checkpoints as members (`mtl.members`), ensembles
 (`mtl.ensemble`), the files written (`mtl.outputs`) and the validation report (`mtl.reports`). Only the flags
@@ -92,6 +94,9 @@ def check_args(args):
         raise ConfigError("give --checkpoint (run models) or --from-probs (redo an ensemble), exactly one of them")
     if args.from_probs and args.validate:
         raise ConfigError("--validate runs checkpoints; it cannot start from --from-probs files")
+    if args.from_probs and not args.calibration:
+        raise ConfigError("--no-calibration applies where checkpoints run; --from-probs files hold what the members "
+                          "answered when they were saved (calibrated unless saved with --no-calibration)")
     if args.images and (args.from_probs or args.validate):
         raise ConfigError("--images predicts photos with --checkpoint; it cannot go with --from-probs or --validate")
     if args.skip_bad and not (args.validate or args.images):
@@ -152,9 +157,10 @@ def predict_submission(args, log=print):
 
 def predict_validation(args, log=print):
     """One fold's validation people -> the validation report (and --save-probs)."""
+    from mtl.ensemble import combine
     from mtl.io import check_parent, check_writable
     from mtl.members import check_face_crop
-    from mtl.reports import headline, validation_fold, write_report
+    from mtl.reports import calibration_caveat, calibration_info, headline, validation_fold, write_report
     members, weights = load_checked(args)
     report_dir = check_parent(Path(args.report))
     if report_dir.exists() and not report_dir.is_dir():
@@ -171,17 +177,21 @@ def predict_validation(args, log=print):
     info = {"checkpoints": [m.path for m in members], "weights": weights.tolist(), "ensemble": args.ensemble,
             "tta": list(prediction_tta(args)), "fold": split.fold, "folds": split.folds, "seed": split.seed,
             "data": str(args.data), "age_threshold": schema.age_threshold, "photos": len(samples),
-            "people": int(samples["person_id"].nunique())}
+            "people": int(samples["person_id"].nunique()),
+            "calibration": calibration_info(members, split, args.data, applied=prediction.calibrated)}
+    raw = combine(prediction.raw_probs, weights, args.ensemble) if info["calibration"]["applied"] else None
     prediction.metrics = {}
 
     def report():
         report_dir.mkdir(exist_ok=True)
         prediction.metrics.update(write_report(report_dir, samples=samples, images=split.sources[members[0].load_size],
-                                               result=prediction.ensemble, schema=schema, info=info,
+                                               result=prediction.ensemble, raw=raw, schema=schema, info=info,
                                                n_mistakes=args.mistakes))
     write_predictions(args, prediction, [(report_dir, report, None)], log)
     log(f"validation fold {split.fold} of {split.folds} ({info['photos']} photos, {info['people']} people): "
         f"{headline(prediction.metrics)}")
+    if info["calibration"]["applied"] and info["calibration"]["fitted_here"]:
+        log(f"note: {calibration_caveat(info['calibration'])}")
     log(f"report: {report_dir / 'report.md'}")
     return prediction
 
@@ -198,7 +208,8 @@ def predict_images(args, log=print):
     check_save_probs(args)
     predictor = Predictor(args.checkpoint, device=args.device, batch_size=args.batch_size, tta=args.tta,
                           ensemble=args.ensemble, weights=args.weights, amp=args.amp, workers=args.workers,
-                          cache_dir=args.cache_dir, use_cache=args.cache, progress=args.progress, log=log)
+                          cache_dir=args.cache_dir, use_cache=args.cache, progress=args.progress,
+                          calibration=args.calibration, log=log)
     photos = find_photos(args.images)
     crops = sorted({json.dumps(m.face_crop, sort_keys=True) for m in predictor.members if m.face_crop is not None})
     log(headline_of(args, predictor.members, f"{len(photos)} photos", predictor.schema)
@@ -252,21 +263,24 @@ def prediction_tta(args) -> tuple:
 
 
 def headline_of(args, members, photos, schema) -> str:
-    """'2 checkpoint(s), 30 photos, ensemble soft, TTA hflip, age threshold 60': what a run is about to do."""
+    """'2 checkpoint(s), 30 photos, ensemble soft, TTA hflip, age threshold 60, calibrated (2 of 2 checkpoints hold
+    offsets)': what a run is about to do."""
+    from mtl.members import calibration_state
     return (f"{len(members)} checkpoint(s), {photos}, ensemble {args.ensemble if len(members) > 1 else '-'}, TTA "
-            f"{', '.join(prediction_tta(args)) or 'none'}, age threshold {schema.age_threshold}")
+            f"{', '.join(prediction_tta(args)) or 'none'}, age threshold {schema.age_threshold}, "
+            f"{calibration_state(members, args.calibration)}")
 
 
 def predict(args, members, weights, *, image_ids, samples, sources, crop=None, log=print):
-    """The members over the sources (predictor.predict_sources), combined: the Prediction of the photos in samples."""
-    from mtl.ensemble import combine
+    """The members over the sources (predictor.predict_sources), each calibrated, combined: the Prediction of the
+    photos in samples."""
     from mtl.predictor import Prediction, predict_sources
     log(headline_of(args, members, f"{len(samples)} photos", members[0].schema))
     member_probs, face_found = predict_sources(
         members, samples, sources, crop=crop, batch_size=args.batch_size, workers=args.workers, device=args.device,
         amp=args.amp, tta=prediction_tta(args), progress=args.progress)
-    return Prediction(image_ids=image_ids, members=members, member_probs=member_probs,
-                      ensemble=combine(member_probs, weights, args.ensemble), face_found=face_found)
+    return Prediction.of(image_ids, members, member_probs, weights=weights, ensemble=args.ensemble,
+                         calibration=args.calibration, face_found=face_found)
 
 
 def submission_write(out, prediction, about="") -> tuple:

@@ -4,8 +4,11 @@
 decoded at their load size (the same cache as training; `members.predict_members`), members trained on
 `crop_faces` output whose photos are uncropped get them cropped first with exactly their settings
 (`mtl.face_crop.crop_images`, the function crop_faces itself runs; batched, on the GPU when there is one).
-predict.py's submission, validation and --images and the `Predictor` all come through it, so a photo gets
-the same answer whichever way it is asked about; `ensemble.combine` joins the members' answers.
+predict.py's submission, validation and --images, pseudo_label and the `Predictor` all come through it, so a photo
+gets the same answer whichever way it is asked about; `Prediction.of` then applies each member's own calibration
+(offsets tuned for macro F1 after training, `members.calibrated`; off with calibration=False, --no-calibration)
+and `ensemble.combine` joins the calibrated answers, so soft means, hard votes, probability files and
+pseudo-labels all see them.
 
 A `Predictor` holds one checkpoint or an ensemble (paths or globs) and answers for photo files, folders,
 globs, PIL images or uint8 RGB arrays (`mtl.photos`). Every answer is one flat row: path, mask, gender,
@@ -33,9 +36,9 @@ PREDICT_BLOCK = 1024  # NOTE: face crops are held in memory this many photos at 
 
 @dataclasses.dataclass
 class Prediction:
-    """What one prediction computed, photo by photo: the photos answered, every member's per-task probabilities,
-    their ensemble, whether a face was found (face-crop members), the photos left out, and the scores when the
-    truth was known (predict.py --validate)."""
+    """What one prediction computed, photo by photo: the photos answered, every member's per-task probabilities
+    (calibrated, unless calibration was turned off) and those the network gave, their ensemble, whether a face was
+    found (face-crop members), the photos left out, and the scores when the truth was known (predict.py --validate)."""
     image_ids: list
     members: list  # members.Member (or outputs.SavedMember, from --from-probs)
     member_probs: list[dict]
@@ -43,6 +46,20 @@ class Prediction:
     face_found: np.ndarray | None = None  # a face found by every face-crop member's detector (None: no such member)
     skipped: list = dataclasses.field(default_factory=list)  # data.Problem of each photo left out (skip_bad)
     metrics: dict | None = None
+    raw_probs: list[dict] | None = None  # each member's probabilities before its calibration (None: member_probs)
+    calibrated: bool = False  # whether member_probs are the raw ones calibrated
+
+    @classmethod
+    def of(cls, image_ids, members, raw_probs, *, weights=None, ensemble="soft", calibration=True, face_found=None,
+           skipped=()) -> Prediction:
+        """The prediction of members' raw probabilities: each member's own calibration applied (unless calibration is
+        false), then combined (ensemble.combine: soft or hard, weighted)."""
+        from mtl.ensemble import combine
+        from mtl.members import calibrated
+        member_probs = calibrated(members, raw_probs, calibration)
+        return cls(image_ids=list(image_ids), members=members, member_probs=member_probs,
+                   ensemble=combine(member_probs, weights, ensemble), face_found=face_found, skipped=list(skipped),
+                   raw_probs=raw_probs, calibrated=bool(calibration))
 
 
 # ---------------------------------------------------------------- the one path
@@ -126,7 +143,8 @@ class Predictor:
     `checkpoints`: a path, a glob, or a list of them (several make a soft ensemble, or `ensemble="hard"`
     with optional `weights`); `tta=("hflip",)` averages each photo with its mirror image. `predict`
     takes photo paths, folders, globs, PIL images or uint8 (H, W, 3) RGB arrays; one photo gives one
-    dict, several a list of them; `predict_frame` gives a pandas DataFrame, one row per photo.
+    dict, several a list of them; `predict_frame` gives a pandas DataFrame, one row per photo. Each checkpoint's own
+    calibration (the offsets fitted after training for macro F1) is applied unless `calibration=False`.
 
     >>> from mtl import Predictor
     >>> predictor = Predictor("runs/demo/best.pt", device="cpu")
@@ -143,7 +161,7 @@ class Predictor:
 
     def __init__(self, checkpoints, *, device="auto", batch_size=64, tta=(), ensemble="soft", weights=None,
                  amp="auto", workers=0, cache_dir=None, use_cache=False, crop_batch_size=None, progress=False,
-                 log=None):
+                 calibration=True, log=None):
         from mtl.ensemble import check_weights
         from mtl.face_crop import check_settings
         from mtl.inference import resolve_device
@@ -162,7 +180,7 @@ class Predictor:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.ensemble, self.batch_size, self.amp, self.workers = ensemble, int(batch_size), amp, int(workers)
         self.cache_dir, self.use_cache, self.progress = cache_dir, bool(use_cache), bool(progress)
-        self.crop_batch_size = crop_batch_size
+        self.crop_batch_size, self.calibration = crop_batch_size, bool(calibration)
         self.log = log or (lambda *_: None)
         self.schema = self.members[0].schema  # NOTE: as_members checked that all members share it
         self.class_names = self.schema.class_names
@@ -213,7 +231,6 @@ class Predictor:
         Every path is checked to decode before any forward pass; an unreadable one stops, or with skip_bad is left
         out and listed in the Prediction's `skipped`.
         """
-        from mtl.ensemble import combine
         from mtl.images import check_images
         from mtl.members import open_sources
         crop = [m.face_crop is not None for m in self.members]
@@ -247,9 +264,9 @@ class Predictor:
             self.members, samples, sources, crop=crop, detectors=self._detectors, batch_size=self.batch_size,
             workers=self.workers if all_paths else 0, device=self.device, amp=self.amp, tta=self.tta,
             progress=self.progress, crop_batch_size=self.crop_batch_size)
-        return Prediction(image_ids=[names[i] for i in kept], members=self.members, member_probs=member_probs,
-                          ensemble=combine(member_probs, self.weights, self.ensemble), face_found=face_found,
-                          skipped=problems)
+        return Prediction.of([names[i] for i in kept], self.members, member_probs, weights=self.weights,
+                             ensemble=self.ensemble, calibration=self.calibration, face_found=face_found,
+                             skipped=problems)
 
     @staticmethod
     def memory_source(items, size) -> MemoryImages:

@@ -5,12 +5,16 @@ folds, seed, relabel and skip_bad default to the first checkpoint's training con
 ingredients on it too); `truth_of` gives their per-task truth. `write_report` writes, into one folder:
 metrics.json, per_class.csv, predictions.csv, mistakes.csv and mistakes.png (the most confident mistakes),
 people.csv (per person, how often their answers are wrong: relabel candidates), one confusion PNG per task
-and for the 18 classes, and report.md, which links them all.
+and for the 18 classes, and report.md, which links them all. Everything scores the answers predict.py gives:
+calibrated (each checkpoint's offsets fitted after training) unless --no-calibration; the 18-class F1 of the raw
+answers sits beside it (f1_raw, f1_calibrated), and `calibration_info` says when the offsets were fitted on the
+very people validated, which makes the calibrated figure optimistic.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from mtl import labels
 from mtl.ensemble import Ensemble
 from mtl.errors import DataError
 from mtl.io import atomic_write_csv, atomic_write_text
-from mtl.metrics import confusion, per_class_report, score
+from mtl.metrics import confusion, macro_f1, per_class_report, score
 
 
 # ---------------------------------------------------------------- one fold's validation people
@@ -66,6 +70,26 @@ def validation_fold(members, data_root, *, fold=None, folds=None, seed=None, rel
     return ValidationFold(samples, sources, spec.fold, spec.folds, spec.seed)
 
 
+def calibration_info(members, split: ValidationFold, data_root, *, applied: bool) -> dict:
+    """What the report says about calibration: whether it was applied (on, and some checkpoint holds offsets), which
+    checkpoints hold offsets, and which were fitted on these very people (the fold training validated, or a soup's
+    fold: same data, folds, fold and seed), whose calibrated figure is then optimistic."""
+    holding = [m for m in members if m.calibration is not None]
+    here = []
+    for member in holding:
+        fitted = {**member.config, **member.checkpoint.get("soup_validation", {})}  # NOTE: a soup refits on its fold
+        same = tuple(fitted.get(k) for k in ("fold", "folds", "seed")) == (split.fold, split.folds, split.seed)
+        if same and os.path.realpath(str(fitted.get("data"))) == os.path.realpath(str(data_root)):
+            here.append(member.path)
+    return {"applied": bool(applied and holding), "checkpoints": [m.path for m in holding], "fitted_here": here}
+
+
+def calibration_caveat(info: dict) -> str:
+    """The sentence saying the calibrated figure is optimistic (the offsets of these checkpoints were fitted here)."""
+    return (f"the calibrated F1 is optimistic: the offsets of {', '.join(info['fitted_here'])} were fitted on these "
+            f"validation people (the raw F1 is the fair figure here; judge the calibration on other people)")
+
+
 def truth_of(samples: pd.DataFrame, schema: labels.LabelSchema) -> dict:
     """Per-task truth arrays of a sample table: mask, gender, age_years, age_group (at the threshold), joint."""
     mask, gender, years = (samples[c].to_numpy(np.int64) for c in ("mask", "gender", "age"))
@@ -99,13 +123,19 @@ def people_table(samples, truth, result: Ensemble, schema: labels.LabelSchema) -
 
 
 # ---------------------------------------------------------------- the report
-def write_report(report_dir, *, samples, images, result: Ensemble, schema: labels.LabelSchema, info: dict,
+def write_report(report_dir, *, samples, images, result: Ensemble, schema: labels.LabelSchema, info: dict, raw=None,
                  n_mistakes=48) -> dict:
-    """Write metrics.json, per_class.csv, predictions.csv, mistakes.csv/png, people.csv, confusion PNGs, report.md."""
+    """Write metrics.json, per_class.csv, predictions.csv, mistakes.csv/png, people.csv, confusion PNGs, report.md.
+
+    result: the answers given; raw: the ensemble of the uncalibrated probabilities when result is calibrated (its
+    18-class F1 becomes f1_raw, result's f1_calibrated)."""
     from mtl.plots import confusion_figure, photo_grid, save_png
     report_dir = Path(report_dir)
     truth = truth_of(samples, schema)
     metrics = score(result.probs, truth, schema, pred=result.pred)
+    metrics["f1_raw"] = macro_f1(truth["joint"], raw.pred) if raw is not None else metrics["f1"]
+    if raw is not None:
+        metrics["f1_calibrated"] = metrics["f1"]
     parts = dict(zip(labels.TASKS, labels.decode(result.pred)))
     truths = {"mask": truth["mask"], "gender": truth["gender"], "age": truth["age_group"]}
     names18 = schema.joint_names
@@ -159,7 +189,7 @@ def report_markdown(info, metrics, per_class, people, *, n_wrong, n_shown) -> st
              f"| macro F1 | {metrics['f1']:.4f} | {metrics['mask_f1']:.4f} | {metrics['gender_f1']:.4f} | "
              f"{metrics['age_f1']:.4f} |",
              f"| accuracy | {metrics['acc']:.4f} | {metrics['mask_acc']:.4f} | {metrics['gender_acc']:.4f} | "
-             f"{metrics['age_acc']:.4f} |", ""]
+             f"{metrics['age_acc']:.4f} |", "", calibration_markdown(info.get("calibration"), metrics), ""]
     if "age_reg_mae" in metrics:
         lines += [f"Age regression: MAE {metrics['age_reg_mae']:.2f} years, age-group F1 {metrics['age_reg_f1']:.4f} "
                   f"(18-class F1 with it: {metrics['f1_age_reg']:.4f}).", ""]
@@ -187,7 +217,20 @@ def report_markdown(info, metrics, per_class, people, *, n_wrong, n_shown) -> st
     return "\n".join(lines)
 
 
+def calibration_markdown(info, metrics) -> str:
+    """report.md's paragraph on calibration: raw and calibrated 18-class F1, and whether the latter is optimistic."""
+    if info is None or not info["checkpoints"]:
+        return "Calibration: no checkpoint holds offsets; the answers are the heads' raw probabilities."
+    if not info["applied"]:
+        return (f"Calibration off (--no-calibration): the answers are the heads' raw probabilities (18-class F1 "
+                f"{metrics['f1_raw']:.4f}).")
+    text = (f"Calibration: each checkpoint's offsets (fitted after training to maximise macro F1) are applied; "
+            f"18-class macro F1 {metrics['f1_raw']:.4f} raw, {metrics['f1_calibrated']:.4f} calibrated.")
+    return text + (f" Note: {calibration_caveat(info)}." if info["fitted_here"] else "")
+
+
 def headline(metrics) -> str:
     reg = f", age_reg MAE {metrics['age_reg_mae']:.2f}" if "age_reg_mae" in metrics else ""
-    return (f"18-class F1 {metrics['f1']:.4f} (acc {metrics['acc']:.4f}); mask F1 {metrics['mask_f1']:.4f}, "
+    raw = f" calibrated, {metrics['f1_raw']:.4f} raw" if "f1_calibrated" in metrics else ""
+    return (f"18-class F1 {metrics['f1']:.4f}{raw} (acc {metrics['acc']:.4f}); mask F1 {metrics['mask_f1']:.4f}, "
             f"gender F1 {metrics['gender_f1']:.4f}, age F1 {metrics['age_f1']:.4f}{reg}")

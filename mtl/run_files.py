@@ -1,15 +1,18 @@
 """A training run's files, kept consistent epoch by epoch (as timm's CheckpointSaver keeps its checkpoints).
 
 `runs/NAME/` holds last.pt (everything needed to resume), best.pt (the weights of the best epoch),
-metrics.json (that epoch's metrics), config.yaml (the resolved config) and hparams/ (the run's row in
-TensorBoard's HPARAMS tab); the training loop's curves and figures lie beside them (mtl.train).
+metrics.json (that epoch's metrics and calibration), config.yaml (the resolved config) and hparams/ (the run's
+row in TensorBoard's HPARAMS tab); the training loop's curves and figures lie beside them (mtl.train).
 
 `Progress` is where a run stands (last.pt's train_state: steps, the best epoch, early stopping).
 `prepare_out` picks and checks the folder (`check_out` refuses one that holds another run's files). Each
 epoch `RunFiles.save_epoch` writes last.pt first (it commits the epoch and its record of the best), then
 best.pt and metrics.json when the epoch is the best so far: a kill can only leave those two behind
 last.pt, and `RunFiles.reconcile` brings them up to date on --resume. `RunFiles.write_hparams` writes the
-HPARAMS row with TensorBoard's own summary functions.
+HPARAMS row with TensorBoard's own summary functions. Every checkpoint holds the calibration fitted on its
+epoch's validation people and the probabilities it was fitted on (mtl.checkpoint), so best.pt's calibration is
+always that of its weights, after a kill and --resume too; `calibrate_folds` fits --all-folds' one calibration on
+the out-of-fold predictions and writes it into every fold's best.pt.
 """
 from __future__ import annotations
 
@@ -37,20 +40,23 @@ class Progress:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one (early stopping)
     best_metrics: dict = dataclasses.field(default_factory=dict)  # the best epoch's metrics, with its "epoch"
+    best_calibration: dict | None = None  # the record of the calibration fitted on the best epoch (None: none)
 
     def state_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def load_state_dict(self, state: dict):
-        """Restore from a state_dict (last.pt's train_state, the same keys since the first format)."""
+        """Restore from a state_dict (last.pt's train_state: the same keys since the first format, plus
+        best_calibration since runs are calibrated; a last.pt written before has none)."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
+            setattr(self, f.name, state.get(f.name) if f.name == "best_calibration" else state[f.name])
 
-    def record(self, epoch: int, metrics: dict) -> bool:
-        """Count one validated epoch; True when its F1 is the best so far."""
+    def record(self, epoch: int, metrics: dict, calibration=None) -> bool:
+        """Count one validated epoch (and the calibration fitted on it, if any); True when its F1 is the best yet."""
         if metrics["f1"] > self.best:
             self.best, self.best_epoch, self.bad_epochs = metrics["f1"], epoch, 0
             self.best_metrics = {**metrics, "epoch": epoch}
+            self.best_calibration = calibration.to_dict() if calibration is not None else None
             return True
         self.bad_epochs += 1
         return False
@@ -144,11 +150,14 @@ class RunFiles:
         """The checkpoints a stopped run leaves: 'runs/x/last.pt (epoch 3) and runs/x/best.pt (epoch 2)'."""
         return " and ".join(f"{path} (epoch {epoch})" for path, epoch in self.saved.values()) or "no checkpoint yet"
 
-    def checkpoint(self, run, epoch, metrics, full: bool) -> dict:
-        """The checkpoint dict of a run (train.Run) at an epoch: best.pt's, or with full last.pt's."""
+    def checkpoint(self, run, epoch, metrics, full: bool, *, calibration=None, validation=None) -> dict:
+        """The checkpoint dict of a run (train.Run) at an epoch: best.pt's, or with full last.pt's; calibration: the
+        record fitted on that epoch's validation (or None), validation: what it was fitted on
+        (checkpoint.validation_record)."""
         weights = run.ema.module.state_dict() if (run.ema is not None and not full) else run.raw_model.state_dict()
         out = {"model": weights, "config": {**run.cfg.to_dict(), "resume": None}, "schema": run.schema.to_dict(),
-               "preprocess": run.preprocess, "epoch": epoch, "metrics": metrics}
+               "preprocess": run.preprocess, "epoch": epoch, "metrics": metrics, "calibration": calibration,
+               "validation": validation}
         if full:
             out.update(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                        scaler=run.scaler.state_dict(), loss=run.loss_fn.state_dict(),
@@ -166,29 +175,39 @@ class RunFiles:
         """metrics.json: the best epoch's metrics (with its epoch), or the summary of every fold."""
         atomic_write_text(json.dumps(metrics, indent=2), self.out / "metrics.json")
 
+    def write_best_metrics(self, progress: Progress):
+        """metrics.json of the best epoch: its metrics (f1_calibrated among them) and its calibration record."""
+        self.write_metrics({**progress.best_metrics, "calibration": progress.best_calibration})
+
     def write_config(self, cfg: TrainConfig):
         atomic_write_text(dump(cfg), self.out / "config.yaml")
 
-    def save_epoch(self, run, epoch: int, metrics: dict, improved: bool):
+    def save_epoch(self, run, epoch: int, metrics: dict, improved: bool, *, calibration=None, validation=None):
         """last.pt, then (on a better F1) best.pt and metrics.json: last.pt commits the epoch and its record of the
-        best, so a kill before it redoes the epoch and a kill after it leaves the other two for `reconcile`."""
-        self.save("last.pt", self.checkpoint(run, epoch, metrics, full=True))
+        best, so a kill before it redoes the epoch and a kill after it leaves the other two for `reconcile`. Both
+        checkpoints hold the epoch's calibration (a Calibration or None) and the validation it was fitted on."""
+        record = calibration.to_dict() if calibration is not None else None
+        extra = {"calibration": record, "validation": validation}
+        self.save("last.pt", self.checkpoint(run, epoch, metrics, full=True, **extra))
         if improved:
-            self.save("best.pt", self.checkpoint(run, epoch, metrics, full=False))
-            self.write_metrics(run.progress.best_metrics)
+            self.save("best.pt", self.checkpoint(run, epoch, metrics, full=False, **extra))
+            self.write_best_metrics(run.progress)
 
     def reconcile(self, run, resume: dict, log=print):
         """After --resume: best.pt and metrics.json hold the best epoch last.pt records, whatever a kill interrupted.
 
         A kill can only leave these two behind last.pt at an improving epoch, whose weights last.pt holds: they are
-        rewritten from it. Resuming into a new --out copies them from the resumed run's folder.
+        rewritten from it, with that epoch's calibration and validation, which last.pt holds too. Resuming into a new
+        --out copies them from the resumed run's folder.
         """
         out, source, best_epoch = self.out, Path(resume["path"]).parent, run.progress.best_epoch
         if not best_epoch:
             return
         if checkpoint_epoch(out / "best.pt") != best_epoch:
             if best_epoch == resume["epoch"]:
-                self.save("best.pt", self.checkpoint(run, best_epoch, resume["metrics"], full=False))
+                self.save("best.pt", self.checkpoint(run, best_epoch, resume["metrics"], full=False,
+                                                     calibration=resume.get("calibration"),
+                                                     validation=resume.get("validation")))
             elif source.resolve() != out.resolve() and checkpoint_epoch(source / "best.pt") == best_epoch:
                 atomic_copy(source / "best.pt", out / "best.pt")
             else:
@@ -198,7 +217,7 @@ class RunFiles:
             log(f"wrote {out / 'best.pt'}: epoch {best_epoch}, the best epoch {resume['path']} records")
         self.saved["best.pt"] = (out / "best.pt", best_epoch)
         if checkpoint_epoch(out / "metrics.json") != best_epoch:
-            self.write_metrics(run.progress.best_metrics)
+            self.write_best_metrics(run.progress)
 
     def write_hparams(self, cfg: TrainConfig, progress):
         """The run's settings with its best metrics (Progress), for TensorBoard's HPARAMS tab, in hparams/.
@@ -224,6 +243,36 @@ class RunFiles:
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value, progress.step)
             writer.file_writer.add_summary(end)
+
+
+# ---------------------------------------------------------------- --all-folds: one calibration, out of fold
+def calibrate_folds(out: Path, cfg: TrainConfig, log=print) -> dict:
+    """Fit one calibration on every fold's best-epoch validation predictions (out of fold: each person answered by the
+    fold that did not train on them), write it into every fold's best.pt, and return the summary's entries: oof_f1
+    and oof_f1_calibrated (the 18-class F1 of those predictions before and after) and the calibration record."""
+    import numpy as np
+
+    from mtl import calibration
+    from mtl import checkpoint as ckpt_io
+    paths = [out / f"fold{k}" / "best.pt" for k in range(cfg.folds)]
+    parts = [ckpt_io.read_validation(ckpt_io.load(path)) for path in paths]
+    missing = [str(path) for path, part in zip(paths, parts) if part is None]
+    if missing:
+        log(f"no out-of-fold calibration: {', '.join(missing)} hold(s) no validation probabilities (written before "
+            f"calibration); each fold keeps its own")
+        return {}
+    probs = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    truth = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    groups = np.concatenate([p[2] for p in parts])
+    fitted = calibration.fit(probs, truth, labels.LabelSchema(cfg.age_threshold), groups=groups, tasks=cfg.calibrate)
+    record = fitted.to_dict()
+    for path in paths:  # NOTE: each rewrite is atomic; a kill part-way is mended by resuming, which fits again
+        saved = ckpt_io.load(path)
+        saved.pop("path")
+        saved["calibration"] = record
+        ckpt_io.save(saved, path)
+    log(f"out-of-fold calibration, written into every fold's best.pt: {calibration.summary(fitted)}")
+    return {"oof_f1": fitted.f1_before, "oof_f1_calibrated": fitted.f1_after, "calibration": record}
 
 
 def hparams_of(cfg: TrainConfig) -> dict:

@@ -10,6 +10,12 @@
    (the fold and the table of decisions), so predict.py loads it like any other. By construction the
    soup never scores below its best ingredient on the fold it was built on - which is also why that
    fold's score is optimistic for the soup: judge it on another fold or on the leaderboard.
+
+Calibration: averaged weights answer differently from any ingredient, so no ingredient's offsets fit the soup;
+the soup gets its own, fitted on its probabilities on this fold (mtl.calibration.fit, cross-validated by
+person, the heads the best ingredient's --calibrate names). Every candidate, ingredient or mix, is scored as it
+would ship: F1 after offsets fitted on its own probabilities here (f1_calibrated; for an ingredient validated on
+this fold, the offsets training fitted, TTA aside). --no-calibration scores raw answers and stores no calibration.
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ class SoupScorer:
     """Scores weights on one fold's validation photos: the loader, device and model are built once."""
 
     def __init__(self, template, samples, images, *, batch_size=64, workers=2, device="auto", amp="auto", tta=(),
-                 progress=True):
+                 progress=True, calibrate=None):
         from mtl.dataset import FaceDataset
         from mtl.inference import amp_dtype, prepare_model, resolve_device
         from mtl.loader import make_loader
@@ -70,48 +76,67 @@ class SoupScorer:
         self.loader = make_loader(dataset, batch_size, workers, device=self.device)
         self.truth = truth_of(samples, self.schema)
         self.model = prepare_model(template.build_model(), self.device, self.channels_last)
+        self.calibrate, self.people = calibrate, samples["person_id"].to_numpy()
+        self.fitted = None  # the calibration fitted in the last call (None: calibrate is None)
 
     def __call__(self, state: dict, desc="scoring") -> dict:
-        """Validation metrics (metrics.score) of these weights."""
+        """Validation metrics (metrics.score) of these weights; with calibrate (the heads that may move), also
+        f1_calibrated, the F1 after offsets fitted on these probabilities (kept in `fitted`)."""
+        from mtl.calibration import fit
         from mtl.inference import predict_probs
         from mtl.metrics import score
         from mtl.model import clean_state_dict
         self.model.load_state_dict(clean_state_dict(state))
         probs = predict_probs(self.model, self.loader, self.device, dtype=self.dtype, channels_last=self.channels_last,
                               tta=self.tta, progress=self.progress, desc=desc)
-        return score(probs, self.truth, self.schema)
+        metrics = score(probs, self.truth, self.schema)
+        if self.calibrate:
+            self.fitted = fit(probs, self.truth, self.schema, groups=self.people, tasks=self.calibrate)
+            metrics["f1_calibrated"] = self.fitted.f1_after
+        return metrics
 
 
 @dataclasses.dataclass
 class Soup:
-    """A greedy soup: its weights and validation metrics, the ingredients kept (positions in the list given), and the
-    decisions in the order they were taken (rows: path, f1, soup_f1, kept), with every ingredient's own metrics."""
+    """A greedy soup: its weights, validation metrics and calibration (fitted on its probabilities; None without), the
+    ingredients kept (positions in the list given), and the decisions in the order they were taken (rows: path, f1,
+    soup_f1, kept: the F1 each was judged by, calibrated where the scorer calibrates), with every ingredient's own
+    metrics."""
     state: dict
     metrics: dict
     kept: list
     table: list
     scores: list
+    calibration: object = None
+
+
+def judged(metrics: dict) -> float:
+    """The F1 a candidate is judged by: calibrated when the scorer calibrates (the answers it would ship), else raw."""
+    return metrics.get("f1_calibrated", metrics["f1"])
 
 
 def greedy_soup(members, scorer, log=print) -> Soup:
     """Steps 1-4 of the module docstring."""
     from mtl.model import clean_state_dict
     states = [clean_state_dict(m.checkpoint["model"]) for m in members]
-    scores = [scorer(state, f"ingredient {i + 1}/{len(members)}") for i, state in enumerate(states)]
-    order = sorted(range(len(members)), key=lambda i: -scores[i]["f1"])  # NOTE: stable, ties keep the given order
-    kept, soup_state, soup_metrics = [order[0]], states[order[0]], scores[order[0]]
-    table = [{"path": members[order[0]].path, "f1": scores[order[0]]["f1"], "soup_f1": soup_metrics["f1"],
+    scores, fits = [], []
+    for i, state in enumerate(states):
+        scores.append(scorer(state, f"ingredient {i + 1}/{len(members)}"))
+        fits.append(getattr(scorer, "fitted", None))
+    order = sorted(range(len(members)), key=lambda i: -judged(scores[i]))  # NOTE: stable, ties keep the given order
+    kept, soup_state, soup_metrics, soup_fit = [order[0]], states[order[0]], scores[order[0]], fits[order[0]]
+    table = [{"path": members[order[0]].path, "f1": judged(scores[order[0]]), "soup_f1": judged(soup_metrics),
               "kept": True}]
     for i in order[1:]:
         candidate = average_states([states[k] for k in kept + [i]])
         metrics = scorer(candidate, f"soup + ingredient {len(table) + 1}/{len(members)}")
-        keep = metrics["f1"] >= soup_metrics["f1"]
-        table.append({"path": members[i].path, "f1": scores[i]["f1"], "soup_f1": metrics["f1"], "kept": keep})
+        keep = judged(metrics) >= judged(soup_metrics)
+        table.append({"path": members[i].path, "f1": judged(scores[i]), "soup_f1": judged(metrics), "kept": keep})
         if keep:
             kept.append(i)
-            soup_state, soup_metrics = candidate, metrics
+            soup_state, soup_metrics, soup_fit = candidate, metrics, getattr(scorer, "fitted", None)
     log(format_table(table))
-    return Soup(soup_state, soup_metrics, kept, table, scores)
+    return Soup(soup_state, soup_metrics, kept, table, scores, soup_fit)
 
 
 def format_table(table) -> str:
@@ -126,6 +151,8 @@ def format_table(table) -> str:
 def make_soup(args, log=print) -> Soup:
     """Check every input, score the ingredients, build the greedy soup and write it as a checkpoint."""
     from mtl import checkpoint as ckpt_io
+    from mtl import labels
+    from mtl.calibration import summary as calibration_summary
     from mtl.members import check_face_crop, load_members
     from mtl.names import check_tta
     from mtl.outputs import check_output, write_all
@@ -141,17 +168,24 @@ def make_soup(args, log=print) -> Soup:
     samples = split.samples
     log(f"greedy soup of {len(members)} ingredient(s) on fold {split.fold} of {split.folds} (seed {split.seed}): "
         f"{len(samples)} photos of {samples['person_id'].nunique()} people")
+    calibrate = members[0].config.get("calibrate", list(labels.TASKS)) if args.calibration else None
     scorer = SoupScorer(members[0], samples, split.sources[members[0].load_size], batch_size=args.batch_size,
-                        workers=args.workers, device=args.device, amp=args.amp, tta=tta, progress=args.progress)
+                        workers=args.workers, device=args.device, amp=args.amp, tta=tta, progress=args.progress,
+                        calibrate=calibrate or None)
     soup = greedy_soup(members, scorer, log)
     best = members[soup.kept[0]].checkpoint
-    validation = {"fold": split.fold, "folds": split.folds, "seed": split.seed, "tta": list(tta), "table": soup.table}
+    validation = {"data": str(args.data), "fold": split.fold, "folds": split.folds, "seed": split.seed,
+                  "tta": list(tta), "table": soup.table}
     record = {"model": soup.state, "config": best["config"], "schema": best["schema"],
               "preprocess": best["preprocess"], "epoch": best.get("epoch"), "metrics": soup.metrics,
+              "calibration": soup.calibration.to_dict() if soup.calibration is not None else None,
               "soup": [members[i].path for i in soup.kept], "soup_validation": validation}
+    if soup.calibration is not None:
+        log(f"the soup's calibration, fitted on fold {split.fold}: {calibration_summary(soup.calibration)}")
     write_all([(out, lambda: ckpt_io.save(record, out),
                 f"wrote {out}: soup of {len(soup.kept)} of {len(members)} ingredient(s), validation 18-class "
-                f"F1 {soup.metrics['f1']:.4f} (best ingredient {soup.table[0]['f1']:.4f})")], log)
+                f"F1 {judged(soup.metrics):.4f}{' calibrated' if soup.calibration is not None else ''} (best "
+                f"ingredient {soup.table[0]['f1']:.4f})")], log)
     return soup
 
 

@@ -2,7 +2,9 @@
 
 Reads top to bottom: setup() builds a `Run` (device, seed, model, data, loss, optimizer, schedule, its
 `Progress` and its `RunFiles`) -> per epoch train_one_epoch(run, loader, epoch, writer) then evaluate(run)
--> log, checkpoint, early stop; `train` returns a `TrainResult`, for one fold or for every fold. The optimizer and
+then fit_calibration(run, probs) (offsets tuned for macro F1 on the validation people, mtl.calibration; well
+under a second) -> log, checkpoint, early stop; `train` returns a `TrainResult`, for one fold or for every fold
+(--all-folds then fits one calibration on the out-of-fold predictions, run_files.calibrate_folds). The optimizer and
 its learning-rate schedule are mtl.optim's. What the run leaves on disk (checkpoints, metrics.json, config.yaml, the
 HPARAMS row, and keeping them consistent across kills and --resume) is mtl.run_files's; the epoch's curves and
 figures are logged here.
@@ -15,6 +17,7 @@ import datetime
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -24,8 +27,8 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from mtl import calibration, labels
 from mtl import checkpoint as ckpt_io
-from mtl import labels
 from mtl.config import TrainConfig
 from mtl.data import read_face_crop_record
 from mtl.dataset import DataSpec, FaceDataset, load_fold
@@ -38,7 +41,7 @@ from mtl.metrics import score
 from mtl.model import check_trunk, clean_state_dict, model_from_config, normalization, unwrap
 from mtl.names import SAMPLERS
 from mtl.optim import make_optimizer
-from mtl.run_files import Progress, RunFiles, out_dir_for, prepare_out
+from mtl.run_files import Progress, RunFiles, calibrate_folds, out_dir_for, prepare_out
 from mtl.transforms import eval_transform, make_preprocess, mix_batch, train_transform
 
 TARGET_KEYS = ("mask", "gender", "age_group", "age_years")
@@ -183,6 +186,15 @@ def evaluate(run: Run) -> tuple[dict, dict]:
     return score(joined, run.val_set.truth(), run.schema), joined
 
 
+def fit_calibration(run: Run, probs: dict):
+    """The per-class offsets that maximise 18-class macro F1 on this epoch's validation people (mtl.calibration.fit,
+    cross-validated by person, only the heads --calibrate names), or None with --calibrate none."""
+    if not run.cfg.calibrate:
+        return None
+    return calibration.fit(probs, run.val_set.truth(), run.schema, groups=run.val_set.samples["person_id"].to_numpy(),
+                           tasks=run.cfg.calibrate)
+
+
 # ---------------------------------------------------------------- logging
 def log_epoch(writer, run: Run, epoch, stats, metrics, probs):
     """Rank 0's TensorBoard points of an epoch, at the global step: validation metrics, throughput, loss weights,
@@ -201,7 +213,8 @@ def log_epoch(writer, run: Run, epoch, stats, metrics, probs):
 
 def summary_line(epoch, cfg, stats, metrics, seconds, best):
     reg = f" age_reg {metrics['age_reg_f1']:.3f}" if "age_reg_f1" in metrics else ""
-    return (f"epoch {epoch}/{cfg.epochs}  loss {stats['loss']:.4f}  val f1 {metrics['f1']:.4f} "
+    calibrated = f" (calibrated {metrics['f1_calibrated']:.4f})" if "f1_calibrated" in metrics else ""
+    return (f"epoch {epoch}/{cfg.epochs}  loss {stats['loss']:.4f}  val f1 {metrics['f1']:.4f}{calibrated} "
             f"(mask {metrics['mask_f1']:.3f} gender {metrics['gender_f1']:.3f} age {metrics['age_f1']:.3f}{reg})  "
             f"{stats['img_per_s']:.0f} img/s  {seconds:.0f}s{'  *best' if best else ''}")
 
@@ -234,19 +247,37 @@ def train(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = True) 
     """Train one fold (or every fold with cfg.all_folds, each into out/fold<k>); returns the best metrics."""
     if not cfg.all_folds:
         return train_fold(cfg, on_epoch, log, log_hparams)
-    out = out_dir_for(cfg)
+    out = all_folds_out(cfg)
     folds = []
     for k in range(cfg.folds):
-        fold_cfg = TrainConfig(**{**cfg.to_dict(), "fold": k, "all_folds": False, "out": str(out / f"fold{k}")})
+        last = out / f"fold{k}" / "last.pt"  # NOTE: resumed, every fold that has a last.pt continues (or is done)
+        resume = str(last) if cfg.resume and last.is_file() else None
+        fold_cfg = TrainConfig(**{**cfg.to_dict(), "fold": k, "all_folds": False, "out": str(last.parent),
+                                  "resume": resume})
         log(f"=== fold {k + 1}/{cfg.folds} -> {fold_cfg.out}")
         folds.append(train_fold(fold_cfg, on_epoch, log, log_hparams))
     f1 = [r.best_f1 for r in folds]
     summary = {"folds": [r.metrics for r in folds], "f1_mean": float(np.mean(f1)), "f1_std": float(np.std(f1))}
     if distributed()[0] == 0:
+        if cfg.calibrate:
+            summary.update(calibrate_folds(out, cfg, log))
         RunFiles(out).write_metrics(summary)
     log(f"all folds: 18-class macro F1 {summary['f1_mean']:.4f} +- {summary['f1_std']:.4f}; ensemble them with "
         f"predict.py --checkpoint '{out}/fold*/best.pt'")
     return TrainResult(str(out), summary["f1_mean"], None, summary, sum(r.epochs_run for r in folds), folds)
+
+
+def all_folds_out(cfg: TrainConfig) -> Path:
+    """The folder of an --all-folds run: --out, a fresh one, or, resumed, the run whose fold<k>/last.pt is given."""
+    if not cfg.resume:
+        return out_dir_for(cfg)
+    resumed = Path(cfg.resume)
+    if not re.fullmatch(r"fold\d+", resumed.parent.name):
+        raise ConfigError(f"--resume {cfg.resume} with --all-folds: give a fold's last.pt, runs/NAME/fold<k>/last.pt")
+    out = resumed.parent.parent
+    if cfg.out and Path(cfg.out).resolve() != out.resolve():
+        raise ConfigError(f"--resume {cfg.resume} with --all-folds continues every fold in {out}; leave --out out")
+    return out
 
 
 def setup(cfg: TrainConfig, log=print) -> Run:
@@ -384,10 +415,14 @@ def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = T
             t0, where = time.time(), f"in epoch {epoch}"
             stats = train_one_epoch(run, train_loader_for(run, epoch), epoch, writer)
             metrics, probs = evaluate(run)
-            improved = progress.record(epoch, metrics)
+            fitted = fit_calibration(run, probs) if run.rank == 0 else None
+            if fitted is not None:
+                metrics["f1_calibrated"] = fitted.f1_after  # NOTE: F1 on the people it was fitted on
+            improved = progress.record(epoch, metrics, fitted)
             if run.rank == 0:
                 log_epoch(writer, run, epoch, stats, metrics, probs)
-                files.save_epoch(run, epoch, metrics, improved)
+                validation = ckpt_io.validation_record(probs, run.val_set.truth(), run.val_set.samples["person_id"])
+                files.save_epoch(run, epoch, metrics, improved, calibration=fitted, validation=validation)
                 writer.flush()
                 log(summary_line(epoch, cfg, stats, metrics, time.time() - t0, improved))
             epochs_run += 1
@@ -402,6 +437,9 @@ def train_fold(cfg: TrainConfig, on_epoch=None, log=print, log_hparams: bool = T
                 files.write_hparams(cfg, progress)
             writer.close()
             writer = None
+        if run.rank == 0 and progress.best_calibration is not None:
+            log(f"calibration of epoch {progress.best_epoch} (in best.pt): "
+                f"{calibration.summary(calibration.Calibration.from_dict(progress.best_calibration))}")
     except Exception as exc:
         cause = exc if isinstance(exc, WriteError) else (None if isinstance(exc, MTLError) else os_error(exc))
         if cause is None:

@@ -391,3 +391,13 @@ def test_tasks_names_the_heads_whose_offsets_may_move():
     assert age_only.offsets["age"][2] > 0  # the under-confident 60+ group is raised
     with pytest.raises(ValueError, match="tasks must be among"):
         calibration.fit(probs, truth, SCHEMA, tasks=("age", "colour"))
+
+
+def test_the_summary_says_what_moved_and_every_note():
+    cal = Calibration({"mask": (0, 0.5, 0), "gender": (0, 0), "age": (0, -0.25, 1)}, 0.5, 0.55, 300,
+                      ("age: fewer than 5 photos of 60+: offset left at 0",), cv_gain=0.012)
+    lines = calibration.summary(cal).splitlines()
+    assert lines[0] == ("18-class F1 0.5000 -> 0.5500 on the 300 photos fitted, +0.0120 cross-validated by person; "
+                        "offsets mask +0.00 +0.50 +0.00; age +0.00 -0.25 +1.00")
+    assert lines[1:] == ["  age: fewer than 5 photos of 60+: offset left at 0"]
+    assert calibration.summary(Calibration({"joint": (0.0,) * 18}, 0.4, 0.4, 10)).endswith("offsets all 0")

@@ -111,6 +111,8 @@ def test_each_registry_holds_exactly_the_names_its_choices_list():
                        ("amp", names.AMP_MODES), ("sampler", names.SAMPLERS)):
         assert config.choices(key) == known, key
     assert config.choices("device") is None
+    from mtl import calibration
+    assert config.choices("calibrate") == names.CALIBRATE == ("none", *calibration.HEAD_TASKS)
 
 
 def test_flags_with_choices_list_them_and_refuse_others_before_any_work(capsys):
@@ -134,6 +136,28 @@ def test_a_value_outside_its_registry_is_one_line_naming_the_flag(key, value, tm
         config.build(config_file=path)
     assert str(err.value) == (f"{config.flag_name(key)} must be one of {', '.join(config.choices(key))}, "
                               f"got {value!r}")
+
+
+def test_calibrate_names_heads_or_none(tmp_path, capsys):
+    parser = get_args_parser()
+    assert resolve_config(parser.parse_args([])).calibrate == ["mask", "gender", "age"]  # configs/default.yaml's
+    assert resolve_config(parser.parse_args(["--calibrate", "age", "gender", "age"])).calibrate == ["gender", "age"]
+    assert resolve_config(parser.parse_args(["--calibrate", "none"])).calibrate == []
+    for text, heads in (("calibrate: []\n", []), ("calibrate: none\n", []), ("calibrate: age\n", ["age"])):
+        (tmp_path / "c.yaml").write_text(text)
+        assert config.build(config_file=tmp_path / "c.yaml").calibrate == heads, text
+        assert config.build(config_file=tmp_path / "c.yaml").to_dict() == \
+            config.build(base=config.build(config_file=tmp_path / "c.yaml").to_dict()).to_dict()  # as checkpoints
+    assert one_line_error(["--calibrate", "none", "age", "--out", tmp_path / "run"], capsys) == \
+        "error: --calibrate takes heads (mask, gender, age) or none alone, got none age"
+    (tmp_path / "bad.yaml").write_text("calibrate: [age, sex]\n")
+    with pytest.raises(ConfigError) as err:
+        config.build(config_file=tmp_path / "bad.yaml")
+    assert str(err.value) == "--calibrate must be one of none, mask, gender, age, got ['age', 'sex']"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--calibrate", "sex"])
+    assert "argument --calibrate: invalid choice: 'sex'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_task_named_in_a_config_keeps_the_other_tasks_losses(tmp_path):

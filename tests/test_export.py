@@ -16,15 +16,20 @@ import torch
 from PIL import Image
 
 from mtl import deploy, export, labels, model, names
+from mtl.calibration import Calibration
 from mtl.cli import main_guard
 from mtl.predictor import Predictor
 from tests.helpers import ROOT
 from tests.tiny_checkpoints import untrained_checkpoint
 
-# every architecture and every head: linear, ML-decoder, ArcFace's cosine head (from an arcface loss)
+# constructed calibrations (offsets that change answers of an untrained model), for the 18 joint classes and the heads
+JOINT_OFFSETS = Calibration({"joint": tuple(np.linspace(-1.0, 1.0, 18))}, 0.5, 0.6, 300).to_dict()
+HEAD_OFFSETS = Calibration({"mask": (0.0, 0.3, -0.2), "gender": (0.0, 0.2), "age": (0.0, -0.3, 0.4)}, 0.5, 0.6,
+                           300).to_dict()
+# every architecture and every head: linear, ML-decoder, ArcFace's cosine head (from an arcface loss); calibrated
 CASES = {"multihead-linear-trained": None,
-         "joint18-ml_decoder": {"arch": "joint18", "head": "ml_decoder"},
-         "separate-arcface": {"arch": "separate", "age_reg_weight": 0.1,
+         "joint18-ml_decoder": {"arch": "joint18", "head": "ml_decoder", "calibration": JOINT_OFFSETS},
+         "separate-arcface": {"arch": "separate", "age_reg_weight": 0.1, "calibration": HEAD_OFFSETS,
                               "losses": {"mask": {"name": "arcface", "scale": 16.0}, "age": {"name": "arcface"}}}}
 
 
@@ -47,10 +52,13 @@ def exported(checkpoints, tmp_path_factory):
     return out
 
 
-def reference(ckpt, photos) -> dict:
-    """PyTorch's outputs for uint8 NHWC photos: the checkpoint's model, probabilities as predict.py makes them."""
+def reference(ckpt, photos, calibration=True) -> dict:
+    """PyTorch's outputs for uint8 NHWC photos: the checkpoint's model, probabilities as predict.py makes them (with
+    the checkpoint's own calibration unless calibration is false)."""
     from mtl import checkpoint
-    module = deploy.DeployModel(checkpoint.build_model(checkpoint.load(ckpt)).eval())
+    saved = checkpoint.load(ckpt)
+    module = deploy.DeployModel(checkpoint.build_model(saved).eval(),
+                                checkpoint.calibration_of(saved) if calibration else None)
     with torch.inference_mode():
         return {k: v.numpy() for k, v in module(torch.from_numpy(photos)).items()}
 
@@ -80,6 +88,32 @@ def test_exported_model_matches_pytorch_at_any_batch_size(exported, checkpoints,
     assert np.allclose(expected["classes"].sum(1), 1, atol=1e-5)
     has_age = CASES[case] is None or CASES[case].get("age_reg_weight", 0) > 0  # the trained run regresses age
     assert ("age_years" in got) == has_age
+
+
+@pytest.mark.parametrize("case", ["joint18-ml_decoder", "separate-arcface"])
+@pytest.mark.parametrize("fmt", names.EXPORT_FORMATS)
+def test_the_exported_model_applies_the_checkpoints_calibration(exported, checkpoints, case, fmt):
+    path, record = exported[case, fmt]
+    assert json.loads(path.with_suffix(".json").read_text())["calibration"] == CASES[case]["calibration"]
+    width, height = record["input_size"]
+    photos = deploy.sample_photos(width, height, 64, seed=5).numpy()
+    got = deploy.RUNNERS[fmt](path, (torch.from_numpy(photos),))
+    calibrated, raw = reference(checkpoints[case], photos), reference(checkpoints[case], photos, calibration=False)
+    for name in calibrated:  # the file computes the calibrated probabilities of PyTorch, not the raw ones
+        assert np.abs(got[name] - calibrated[name]).max() <= 1e-4, name
+    answers, raw_answers = got["classes"].argmax(1), raw["classes"].argmax(1)
+    assert np.array_equal(answers, calibrated["classes"].argmax(1)) and (answers != raw_answers).any()
+
+
+@pytest.mark.slow
+def test_no_calibration_exports_the_raw_heads(checkpoints, tmp_path):
+    out = tmp_path / "raw.onnx"
+    export.main(["--checkpoint", str(checkpoints["separate-arcface"]), "--out", str(out), "--no-calibration"])
+    assert json.loads(out.with_suffix(".json").read_text())["calibration"] is None
+    photos = deploy.sample_photos(40, 52, 8, seed=3).numpy()
+    got = deploy.RUNNERS["onnx"](out, (torch.from_numpy(photos),))
+    raw = reference(checkpoints["separate-arcface"], photos, calibration=False)
+    assert all(np.abs(got[name] - raw[name]).max() <= 1e-4 for name in raw)
 
 
 def test_record_is_all_a_deployment_needs(exported, checkpoints, synthetic_data, tmp_path):

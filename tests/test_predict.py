@@ -24,6 +24,7 @@ from mtl.inference import predict_probs
 from mtl.members import check_face_crop, load_members
 from mtl.metrics import predict_classes, recombine
 from tests.helpers import ROOT, run_command, run_predict
+from tests.tiny_checkpoints import with_calibration
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def single(ckpts, synthetic_data, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     result = run_predict("--checkpoint", ckpts[0], "--data", synthetic_data, "--out", out / "sub.csv",
                          "--save-probs", out / "probs.csv", cache_dir=cache_dir)
-    return {**result, "dir": out}
+    return {**result, "dir": out, "data": synthetic_data, "cache_dir": cache_dir}
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +241,114 @@ def test_the_report_names_age_groups_at_the_checkpoints_threshold(synthetic_data
     people = pd.read_csv(report / "people.csv")
     assert set(people["age_group"]) <= {"<30", "30-58", "59+"} and json.loads(
         (report / "metrics.json").read_text())["age_threshold"] == 59
+
+
+# ---------------------------------------------------------------- calibration
+@pytest.fixture(scope="module")
+def aged(ckpts, tmp_path_factory):
+    """best.pt holding a constructed calibration whose age offset turns every answer to 60+."""
+    return with_calibration(ckpts[0], tmp_path_factory.mktemp("aged") / "aged.pt")
+
+
+def test_a_checkpoints_calibration_changes_its_answers_and_no_calibration_gives_the_raw_ones(aged, single, tmp_path):
+    from mtl.calibration import Calibration, apply
+    raw_answers = pd.read_csv(single["dir"] / "sub.csv")["ans"]
+    assert (raw_answers % 3 != 2).mean() > 0.5  # the trained model calls most people younger than 60
+    result = run_predict("--checkpoint", aged, "--data", single["data"], "--out", tmp_path / "sub.csv",
+                         "--save-probs", tmp_path / "probs.csv", cache_dir=single["cache_dir"])
+    assert (pd.read_csv(tmp_path / "sub.csv")["ans"] % 3 == 2).all()  # every answer 60+
+    assert "calibrated (1 of 1 checkpoint(s) hold offsets)" in result["log"]
+    cal = Calibration.from_dict(checkpoint.load(aged)["calibration"])
+    expected = apply(single["member_probs"][0], cal)  # the same network, its offsets applied
+    for task in ("mask", "gender", "age"):
+        assert np.allclose(result["member_probs"][0][task], expected[task], atol=1e-6), task
+        assert np.allclose(result["raw_probs"][0][task], single["member_probs"][0][task], atol=1e-6), task
+    # the probability file holds what the member answered: --from-probs redoes the calibrated submission
+    saved = pd.read_csv(tmp_path / "probs.csv")
+    assert np.allclose(saved[["age_0", "age_1", "age_2"]].to_numpy(), expected["age"], atol=1e-6)
+    run_predict("--from-probs", tmp_path / "probs.csv", "--out", tmp_path / "redo.csv")
+    assert (tmp_path / "redo.csv").read_bytes() == (tmp_path / "sub.csv").read_bytes()
+    plain = run_predict("--checkpoint", aged, "--data", single["data"], "--out", tmp_path / "plain.csv",
+                        "--no-calibration", cache_dir=single["cache_dir"])
+    assert (tmp_path / "plain.csv").read_bytes() == (single["dir"] / "sub.csv").read_bytes()
+    assert "calibration off" in plain["log"]
+    with pytest.raises(ConfigError, match="--no-calibration applies where checkpoints run"):
+        run_predict("--from-probs", tmp_path / "probs.csv", "--out", tmp_path / "x.csv", "--no-calibration")
+
+
+def test_an_ensemble_applies_each_members_own_calibration_before_it_votes(aged, ckpts, single, tmp_path):
+    from mtl.calibration import Calibration, apply
+    plain = tmp_path / "plain.pt"
+    shutil.copy(ckpts[0], plain)
+    result = run_predict("--checkpoint", aged, plain, "--data", single["data"], "--out", tmp_path / "hard.csv",
+                         "--ensemble", "hard", "--weights", "2", "1", cache_dir=single["cache_dir"])
+    aged_probs, plain_probs = result["member_probs"]
+    cal = Calibration.from_dict(checkpoint.load(aged)["calibration"])
+    assert np.allclose(aged_probs["age"], apply(single["member_probs"][0], cal)["age"], atol=1e-6)
+    assert np.allclose(plain_probs["age"], single["member_probs"][0]["age"], atol=1e-6)  # its own: offsets of 0
+    # the vote counts the calibrated answers: the member of weight 2, always 60+, outvotes the other
+    assert np.array_equal(result["ensemble"].pred, predict_classes(aged_probs))
+    assert (pd.read_csv(tmp_path / "hard.csv")["ans"] % 3 == 2).all()
+    soft = combine(result["member_probs"], [2, 1], "soft")
+    assert np.allclose(soft.probs["age"], result["ensemble"].probs["age"], atol=1e-6)
+
+
+def test_the_validation_report_shows_raw_and_calibrated_f1_and_when_it_is_optimistic(aged, ckpts, single, tmp_path):
+    report = tmp_path / "report"
+    result = run_predict("--checkpoint", aged, "--data", single["data"], "--validate", "--report", report,
+                         "--mistakes", "0", cache_dir=single["cache_dir"])
+    saved = json.loads((report / "metrics.json").read_text())
+    trained = checkpoint.load(ckpts[0])["metrics"]
+    assert saved["metrics"]["f1_raw"] == pytest.approx(trained["f1"], abs=1e-6)  # the network as training saw it
+    assert saved["metrics"]["f1_calibrated"] == saved["metrics"]["f1"] < saved["metrics"]["f1_raw"]  # all 60+: worse
+    assert saved["calibration"] == {"applied": True, "checkpoints": [str(aged)], "fitted_here": [str(aged)]}
+    text = (report / "report.md").read_text()
+    assert f"{saved['metrics']['f1_raw']:.4f} raw, {saved['metrics']['f1']:.4f} calibrated" in text
+    assert "calibrated F1 is optimistic" in text and "calibrated F1 is optimistic" in result["log"]
+    off = run_predict("--checkpoint", aged, "--data", single["data"], "--validate", "--report", tmp_path / "off",
+                      "--mistakes", "0", "--no-calibration", cache_dir=single["cache_dir"])
+    saved = json.loads((tmp_path / "off" / "metrics.json").read_text())
+    assert saved["metrics"]["f1"] == saved["metrics"]["f1_raw"] == pytest.approx(trained["f1"], abs=1e-6)
+    assert "f1_calibrated" not in saved["metrics"] and not saved["calibration"]["applied"]
+    assert "Calibration off" in (tmp_path / "off" / "report.md").read_text() and "optimistic" not in off["log"]
+
+
+def test_the_calibrated_figure_is_optimistic_only_on_the_people_it_was_fitted_on(tmp_path):
+    from types import SimpleNamespace
+
+    from mtl.reports import ValidationFold, calibration_info
+    config = {"data": str(tmp_path / "data"), "fold": 1, "folds": 5, "seed": 42}
+    trained = SimpleNamespace(path="a.pt", config=config, checkpoint={}, calibration="offsets")
+    soup = SimpleNamespace(path="soup.pt", config=config, calibration="offsets",
+                           checkpoint={"soup_validation": {"fold": 2, "folds": 5, "seed": 42}})
+    bare = SimpleNamespace(path="b.pt", config=config, checkpoint={}, calibration=None)
+    members = [trained, soup, bare]
+
+    def here(fold, data=tmp_path / "data", folds=5, seed=42):
+        return calibration_info(members, ValidationFold(None, {}, fold, folds, seed), data, applied=True)["fitted_here"]
+    assert here(1) == ["a.pt"] and here(2) == ["soup.pt"] and here(3) == []
+    assert here(1, data=tmp_path / "data" / ".." / "data") == ["a.pt"]  # the same folder, written another way
+    assert here(1, data=tmp_path / "other") == here(1, folds=4) == here(1, seed=7) == []
+    info = calibration_info(members, ValidationFold(None, {}, 1, 5, 42), tmp_path / "data", applied=True)
+    assert info["checkpoints"] == ["a.pt", "soup.pt"] and info["applied"]
+    assert not calibration_info([bare], ValidationFold(None, {}, 1, 5, 42), tmp_path, applied=True)["applied"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"version": 7}, "calibration record version 7 is not one this mtl reads"),
+    ({"version": 1, "offsets": {"joint": [0.0] * 18}, "f1_before": 0.5, "f1_after": 0.5, "fitted_on": 300},
+     "its calibration was fitted for a joint18 model, but the model is per-task heads"),
+])
+def test_a_bad_calibration_record_is_one_line_naming_the_checkpoint(record, message, tmp_path, capsys, no_forward):
+    from tests.tiny_checkpoints import untrained_checkpoint
+    bad = untrained_checkpoint(tmp_path / "bad.pt", calibration=record)
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: predict.main(["--checkpoint", str(bad), "--data", str(tmp_path), "--out",
+                                         str(tmp_path / "sub.csv")]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"error: {bad}: {message}"), err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sub.csv").exists()
 
 
 # ---------------------------------------------------------------- bad input

@@ -78,6 +78,20 @@ def test_the_docstring_example_runs(demo):
     assert runner.failures == 0 and runner.tries >= 5
 
 
+def test_the_predictor_applies_each_checkpoints_calibration_unless_told_not_to(best, synthetic_data, tmp_path):
+    from tests.tiny_checkpoints import with_calibration
+    aged = with_calibration(best, tmp_path / "aged.pt")
+    photos = sorted(str(p) for p in (synthetic_data / "eval" / "images").iterdir())[:40]
+    plain = Predictor(best).predict_frame(photos)
+    raw = Predictor(aged, calibration=False).predict_frame(photos)
+    calibrated = Predictor(aged).prediction(photos)
+    assert (plain["age"] != "60+").mean() > 0.5  # the trained model calls most people younger than 60
+    assert raw.equals(plain)  # calibration=False: the network's own answers
+    assert calibrated.calibrated and (Predictor(aged).answers(calibrated)["age"] == "60+").all()
+    assert np.array_equal(calibrated.raw_probs[0]["age"], raw[["p_age_<30", "p_age_30-59", "p_age_60+"]].to_numpy(
+        np.float32))
+
+
 # ---------------------------------------------------------------- face crop at prediction time
 @pytest.fixture(scope="module")
 def raw_photos(tmp_path_factory):

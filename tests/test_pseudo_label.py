@@ -197,6 +197,20 @@ def test_known_probabilities_give_the_expected_table(best, synthetic_data, cache
     assert labels.LabelSchema(60).stand_in_years([0, 1, 2]).tolist() == [25, 45, 65]
 
 
+def test_pseudo_labels_come_from_the_calibrated_answers_unless_told_not_to(best, synthetic_data, cache_dir, tmp_path,
+                                                                           monkeypatch):
+    from tests.tiny_checkpoints import with_calibration
+    root = eval_subset(synthetic_data, tmp_path / "data")
+    aged = with_calibration(best, tmp_path / "aged.pt")  # its age offsets make every photo 60+, surely
+    monkeypatch.setattr("mtl.members.predict_members", fake_members(KNOWN))
+    result = run_pl("--checkpoint", aged, "--data", root, "--out", root / "extra.csv", cache_dir=cache_dir)
+    assert result["labels"]["age_group"].tolist() == [2] * 6 and "calibrated (1 of 1" in result["log"]
+    assert pd.read_csv(root / "extra.csv", dtype=str)["mask"].tolist() == ["0", "1", "-1", "2", "-1", "-1"]
+    raw = run_pl("--checkpoint", aged, "--data", root, "--out", root / "extra.csv", "--overwrite", "--no-calibration",
+                 cache_dir=cache_dir)
+    assert raw["labels"]["age_group"].tolist() == [0, -1, -1, 2, 1, 1]  # KNOWN's own, as the first test reads them
+
+
 def test_nothing_confident_writes_nothing(best, synthetic_data, cache_dir, tmp_path, monkeypatch, capsys):
     root = eval_subset(synthetic_data, tmp_path / "data")
     flat = {"mask": np.full((6, 3), 1 / 3), "gender": np.full((6, 2), 0.5), "age": np.full((6, 3), 1 / 3)}

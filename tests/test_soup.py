@@ -66,6 +66,27 @@ def test_soup_is_a_checkpoint_predict_loads(made, ingredients, synthetic_data, c
     assert sub["ImageID"].tolist() == pd.read_csv(synthetic_data / "eval" / "info.csv")["ImageID"].tolist()
 
 
+def test_the_soup_is_calibrated_on_its_own_probabilities_not_an_ingredients(made, ingredients, synthetic_data,
+                                                                             cache_dir, tmp_path):
+    from mtl.calibration import Calibration
+    from tests.tiny_checkpoints import with_calibration
+    saved = checkpoint.load(made["out"])
+    photos = len(checkpoint.load(ingredients[0])["validation"]["person_id"])
+    assert saved["calibration"]["fitted_on"] == photos and made["soup"].calibration.to_dict() == saved["calibration"]
+    assert saved["soup_validation"]["data"] == str(synthetic_data)
+    # an ingredient holding constructed offsets: the soup refits on fold 0 instead of keeping them
+    aged = with_calibration(ingredients[0], tmp_path / "aged.pt")
+    argv = quiet("--checkpoints", aged, "--data", synthetic_data, "--fold", 0, "--cache-dir", cache_dir)
+    made_again = soup.make_soup(soup.get_args_parser().parse_args(argv + ["--out", str(tmp_path / "soup.pt")]),
+                                log=lambda *_: None)
+    refit = Calibration.from_dict(checkpoint.load(tmp_path / "soup.pt")["calibration"])
+    assert refit == made_again.calibration != Calibration.from_dict(checkpoint.load(aged)["calibration"])
+    assert refit.fitted_on == photos and refit.is_identity and "(< 200)" in refit.notes[0]  # too few photos to move
+    soup.make_soup(soup.get_args_parser().parse_args(argv + ["--out", str(tmp_path / "raw.pt"), "--no-calibration"]),
+                   log=lambda *_: None)
+    assert checkpoint.load(tmp_path / "raw.pt")["calibration"] is None
+
+
 def test_average_states_keeps_integer_buffers_of_the_first():
     a = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([1.0], dtype=torch.float16), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0]), "h": torch.tensor([2.0], dtype=torch.float16), "n": torch.tensor(9)}
@@ -92,6 +113,7 @@ def test_greedy_keeps_only_what_does_not_hurt():
 def test_ingredients_must_share_the_architecture(ingredients, synthetic_data, tmp_path):
     other = torch.load(ingredients[1], map_location="cpu", weights_only=True)
     other["config"]["arch"] = "joint18"
+    other["calibration"] = None  # NOTE: a joint18 model's calibration has other offsets (refused when it is read)
     torch.save(other, tmp_path / "joint18.pt")
     args = soup.get_args_parser().parse_args(quiet("--checkpoints", ingredients[0], tmp_path / "joint18.pt",
                                                    "--data", synthetic_data, "--out", tmp_path / "soup.pt"))

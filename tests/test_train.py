@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl import checkpoint, config, labels
+from mtl.calibration import Calibration
 from mtl.errors import ConfigError
 from mtl.train import Interrupted, TrainingError, interrupt_after, train
 from tests.helpers import ROOT, SHARED, free_port
@@ -54,12 +56,28 @@ def test_run_writes_every_artifact(trained_run):
     assert [e.step for e in events.Images("confusion/mask")] == epoch_ends
     hparams = EventAccumulator(str(out / "hparams"), size_guidance={"scalars": 0}).Reload()
     assert hparams.Scalars("hparam/f1")[0].value == pytest.approx(trained_run["best_f1"])
+    assert hparams.Scalars("hparam/f1_calibrated")[0].value == pytest.approx(trained_run["metrics"]["f1_calibrated"])
+
+
+def test_a_validation_set_too_small_to_calibrate_stores_offsets_of_zero_and_says_why(trained_run):
+    out = Path(trained_run["out"])
+    best = checkpoint.load(out / "best.pt")
+    cal = Calibration.from_dict(best["calibration"])
+    photos = len(best["validation"]["person_id"])
+    assert 100 < photos < 200  # fold 0 of 5: a fifth of the 120 people, seven photos each
+    assert cal.fitted_on == photos and cal.is_identity and cal.f1_after == cal.f1_before == best["metrics"]["f1"]
+    assert cal.notes == (f"only {photos} photos with every task's truth known (< 200): offsets left at 0",)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["calibration"] == best["calibration"] and saved["f1_calibrated"] == saved["f1"]
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0}).Reload()
+    assert [e.value for e in events.Scalars("val/f1_calibrated")] == [e.value for e in events.Scalars("val/f1")]
 
 
 TRAIN_SCALARS = ("train/loss", "train/loss_mask", "train/loss_gender", "train/loss_age", "train/loss_age_reg",
                  "train/lr", "train/img_per_s", "train/epoch")
 VAL_SCALARS = tuple(f"val/{k}" for k in ("f1", "acc", "mask_f1", "mask_acc", "gender_f1", "gender_acc", "age_f1",
-                                         "age_acc", "age_reg_mae", "age_reg_f1", "age_reg_acc", "f1_age_reg"))
+                                         "age_acc", "age_reg_mae", "age_reg_f1", "age_reg_acc", "f1_age_reg",
+                                         "f1_calibrated"))
 
 
 def hparams_experiment(logdir):
@@ -92,11 +110,36 @@ def test_hparams_table_puts_the_settings_that_differ_first(trained_run, tiny_con
     assert {"lr", "model", "epochs", "img_size", "batch_size", "age_reg_weight"} <= differing
     assert not columns["seed"].differs and not columns["arch"].differs
     assert set(metrics) == {f"hparam/{k}" for k in ("f1", "acc", "mask_f1", "mask_acc", "gender_f1", "gender_acc",
-                                                     "age_f1", "age_acc", "best_epoch")} | {
+                                                     "age_f1", "age_acc", "best_epoch", "f1_calibrated")} | {
         f"hparam/{k}" for k in ("age_reg_mae", "age_reg_f1", "age_reg_acc", "f1_age_reg")}
     events = (tmp_path / "logs").rglob("events.out.tfevents*")
     # NOTE: no run writes an experiment summary: one run's would fix the columns for every run
     assert not [p for p in events if b"_hparams_/experiment" in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_calibration_is_fitted_on_the_validation_people_only(tiny_config, cache_dir, monkeypatch):
+    from mtl import calibration
+    from mtl.dataset import DataSpec, load_fold
+    real, seen = calibration.fit, []
+
+    def spy(probs, truth, schema, **options):
+        if "groups" in options:  # NOTE: not fit's own calls, on parts of the people, to cross-validate by person
+            seen.append((len(truth["mask"]), set(options["groups"]), options["tasks"]))
+        return real(probs, truth, schema, **options)
+    monkeypatch.setattr(calibration, "fit", spy)
+    cfg = tiny_config(epochs=2, folds=3, calibrate=["age", "mask"])
+    train(cfg, **QUIET)
+    fold = load_fold(DataSpec.of(cfg), [40, 52], cache_dir=cache_dir, workers=0, progress=False, log=lambda *_: None)
+    val_people = set(fold.val_samples["person_id"])
+    assert 250 < len(fold.val_samples) < len(fold.train_samples)  # a third of the 120 people, seven photos each
+    assert not val_people & set(fold.train_samples["person_id"])
+    assert seen == [(len(fold.val_samples), val_people, ["mask", "age"])] * 2  # once per epoch, the validation people
+    best = checkpoint.load(Path(cfg.out) / "best.pt")
+    assert best["calibration"]["fitted_on"] == len(fold.val_samples) != len(fold.train_samples)
+    assert best["calibration"]["offsets"]["gender"] == [0.0, 0.0]  # a head --calibrate leaves out never moves
+    assert best["validation"]["person_id"] == fold.val_samples["person_id"].astype(str).tolist()
+    assert best["metrics"]["f1_calibrated"] == best["calibration"]["f1_after"]
 
 
 def test_checkpoint_rebuilds_the_model_it_validated(trained_run, cache_dir):
@@ -113,7 +156,11 @@ def test_checkpoint_rebuilds_the_model_it_validated(trained_run, cache_dir):
     schema = checkpoint.label_schema(best)
     val = FaceDataset(fold.val_samples, fold.val_images, eval_transform(best["preprocess"]), schema)
     probs = predict_probs(model, make_loader(val, 64, workers=0), torch.device("cpu"))
-    assert score(probs, val.truth(), schema) == pytest.approx(best["metrics"], abs=1e-6)  # what training measured
+    measured = {k: v for k, v in best["metrics"].items() if k != "f1_calibrated"}
+    assert score(probs, val.truth(), schema) == pytest.approx(measured, abs=1e-6)  # what training measured
+    # and the probabilities its calibration was fitted on, photo by photo
+    stored = checkpoint.read_validation(best)[0]
+    assert set(stored) == set(probs) and all(np.allclose(stored[k], probs[k], atol=1e-5) for k in probs)
 
 
 @pytest.mark.slow
@@ -144,18 +191,22 @@ def test_progress_counts_the_best_epoch_and_early_stopping():
     assert [progress.record(e, {"f1": f1}) for e, f1 in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.4))] == \
         [True, True, False, False]
     assert (progress.best, progress.best_epoch, progress.bad_epochs) == (0.5, 2, 2)
-    assert progress.best_metrics == {"f1": 0.5, "epoch": 2}
+    assert progress.best_metrics == {"f1": 0.5, "epoch": 2} and progress.best_calibration is None
     assert progress.stopped(2) and not progress.stopped(3) and not progress.stopped(0)
-    # last.pt's train_state: the keys every earlier version wrote, read back as they were
+    # last.pt's train_state: the keys every earlier version wrote, read back as they were (no calibration then)
     old = {"step": 40, "best": 0.5, "best_epoch": 2, "bad_epochs": 2, "best_metrics": {"f1": 0.5, "epoch": 2}}
     again = Progress()
     again.load_state_dict(old)
-    assert again == progress.__class__(**old) and again.state_dict() == old
+    assert again == progress.__class__(**old) and again.state_dict() == {**old, "best_calibration": None}
+    # the calibration of the best epoch is kept with it, and only with it
+    cal = Calibration({"mask": (0, 1, 0), "gender": (0, 0), "age": (0, 0, 2)}, 0.5, 0.6, 300)
+    assert progress.record(5, {"f1": 0.7}, cal) and not progress.record(6, {"f1": 0.1}, None)
+    assert progress.best_calibration == cal.to_dict() and progress.state_dict()["best_calibration"] == cal.to_dict()
 
 
 @pytest.mark.parametrize("options", [
     {"arch": "joint18", "mixup": 0.4, "mix_prob": 1.0},
-    {"arch": "separate", "cutmix": 1.0, "mix_prob": 1.0, "sampler": "balanced"},
+    {"arch": "separate", "cutmix": 1.0, "mix_prob": 1.0, "sampler": "balanced", "calibrate": []},
     {"arch": "multihead", "loss_weighting": "uncertainty", "ema": 0.9, "accumulate": 2, "age_threshold": 59,
      "drop_ages": "57-59", "losses": {"age": {"name": "focal", "gamma": 2.0, "class_weights": "balanced"},
                                       "mask": {"name": "soft_f1", "ce_weight": 1.0}}},
@@ -176,6 +227,11 @@ def test_options_train_with_finite_losses(tiny_config, options):
     assert any(k.startswith("trunks.2.") for k in best["model"]) == (options["arch"] == "separate")
     if options.get("loss_weighting") == "uncertainty":  # learned: the weights moved from their start, 1/2
         assert any(events.Scalars(f"loss_weight/{t}")[-1].value != 0.5 for t in heads)
+    if options["arch"] == "joint18":  # its 18 offsets, whatever heads --calibrate names
+        assert list(best["calibration"]["offsets"]) == ["joint"] and best["calibration"] == last["calibration"]
+    if options.get("calibrate") == []:  # --calibrate none: nothing fitted, nothing applied
+        assert best["calibration"] is None and "f1_calibrated" not in best["metrics"]
+        assert json.loads((out / "metrics.json").read_text())["calibration"] is None
     if options.get("ema"):  # best.pt holds the EMA weights validated, last.pt the trained ones beside them
         assert not torch.equal(best["model"]["trunks.0.backbone.conv_stem.weight"],
                                last["model"]["trunks.0.backbone.conv_stem.weight"])
@@ -183,12 +239,47 @@ def test_options_train_with_finite_losses(tiny_config, options):
                            last["ema"]["trunks.0.backbone.conv_stem.weight"])
 
 
+def check_out_of_fold_calibration(cv: Path, folds: int) -> dict:
+    """Every fold's best.pt holds the one calibration fitted on every person's out-of-fold prediction: the all-folds
+    metrics.json's; returns that metrics.json."""
+    summary = json.loads((cv / "metrics.json").read_text())
+    bests = [checkpoint.load(cv / f"fold{k}" / "best.pt") for k in range(folds)]
+    people = [set(b["validation"]["person_id"]) for b in bests]
+    assert not set.intersection(*people) and len(set.union(*people)) == 120  # each person answered once, by one fold
+    record = summary["calibration"]
+    assert all(b["calibration"] == record for b in bests)
+    assert record["fitted_on"] == sum(len(b["validation"]["person_id"]) for b in bests) == 120 * 7
+    assert summary["oof_f1"] == record["f1_before"] and summary["oof_f1_calibrated"] == record["f1_after"]
+    return summary
+
+
 @pytest.mark.slow
 def test_all_folds_trains_each_fold(tiny_config, tmp_path):
     result = train(tiny_config(epochs=1, folds=2, all_folds=True, out=str(tmp_path / "cv")), **QUIET)
     assert len(result.folds) == 2
     assert (tmp_path / "cv" / "fold0" / "best.pt").is_file() and (tmp_path / "cv" / "fold1" / "best.pt").is_file()
-    assert "f1_mean" in json.loads((tmp_path / "cv" / "metrics.json").read_text())
+    assert "f1_mean" in check_out_of_fold_calibration(tmp_path / "cv", 2)
+
+
+@pytest.mark.slow
+def test_an_all_folds_run_resumed_trains_what_is_left_and_ends_calibrated_out_of_fold(tiny_config, tmp_path, capsys):
+    cv = tmp_path / "cv"
+    calls = []
+
+    def stop_in_the_last_fold(epoch, metrics):
+        calls.append(epoch)
+        if len(calls) == 3:  # fold 0's two epochs, then the first of fold 1
+            raise Interrupted("killed")
+    with pytest.raises(Interrupted):
+        train(tiny_config(epochs=2, folds=2, all_folds=True, out=str(cv)), on_epoch=stop_in_the_last_fold, **QUIET)
+    assert not (cv / "metrics.json").exists() and checkpoint.load(cv / "fold1" / "last.pt")["epoch"] == 1
+    fold0 = (cv / "fold0" / "last.pt").read_bytes()
+    assert cli(["--resume", cv / "fold1" / "last.pt", "--all-folds", "--epochs", "2"], capsys)[0] == 0
+    assert (cv / "fold0" / "last.pt").read_bytes() == fold0  # the finished fold trains no more
+    assert checkpoint.load(cv / "fold1" / "last.pt")["epoch"] == 2
+    check_out_of_fold_calibration(cv, 2)
+    code, err = cli(["--resume", cv / "fold1" / "best.pt", "--all-folds", "--out", tmp_path / "elsewhere"], capsys)
+    assert code == 2 and "continues every fold in" in err
 
 
 @pytest.mark.slow
@@ -420,6 +511,8 @@ def test_resume_repairs_best_pt_and_metrics_json_behind_last_pt(tiny_config, tmp
     assert resumed.epochs_run == 0
     repaired = checkpoint.load(out / "best.pt")
     assert repaired["epoch"] == best["epoch"] == 1 and repaired["metrics"] == best["metrics"]
+    assert repaired["calibration"] == best["calibration"] is not None  # the calibration of those weights
+    assert repaired["validation"]["person_id"] == best["validation"]["person_id"]
     assert all(torch.equal(repaired["model"][k], best["model"][k]) for k in best["model"])
     assert (out / "metrics.json").read_text() == metrics
 
@@ -463,7 +556,8 @@ def test_a_last_pt_of_schema_version_1_loads_and_resumes(tiny_config, tmp_path, 
     out = tmp_path / "run"
     train(tiny_config(epochs=1, out=str(out), age_threshold=59), **QUIET)
     last = torch.load(out / "last.pt", weights_only=True)
-    assert set(last["train_state"]) == {"step", "best", "best_epoch", "bad_epochs", "best_metrics"}
+    assert set(last["train_state"]) == {"step", "best", "best_epoch", "bad_epochs", "best_metrics", "best_calibration"}
+    del last["train_state"]["best_calibration"], last["calibration"], last["validation"]  # as written before them
     last["schema"] = SCHEMA_V1_AT_59
     torch.save(last, out / "last.pt")
     assert checkpoint.label_schema(checkpoint.load(out / "last.pt")) == labels.LabelSchema(59)
