@@ -27,8 +27,11 @@ code path (`predict_on`, the one place this script calls the prediction API) on:
 - `chips`: gender accuracy, age-group macro F1, and the share answered "not wear" (all of them are bare).
 
 Every figure is scored at the true 60-year boundary: a model trained with --age-threshold 58 has its top group
-read as 60+. Each figure is given raw and `_cal`: with mtl.calibration's per-class offsets fitted on the run's
-validation people (at the checkpoint's own threshold, as the product fits them) and applied to the other sets.
+read as 60+. Each figure is given raw and `_cal`: calibrated as predict.py answers, with the per-class offsets
+training stored in best.pt (mtl.calibration, fitted on the run's validation people at the checkpoint's own
+threshold, cross-validated by person, the heads of its `calibrate` setting); a run trained before training stored
+them is calibrated here by the same fit on the same validation probabilities. probs.npz beside each best.pt keeps
+every set's raw probabilities, so other calibrations can be compared without predicting again.
 
 The cross-collection score `cross` (and `cross_cal`, from calibrated answers) is the mean of eval 18-class F1,
 facemask real-mask accuracy, facemask bare faces answered "not wear", chips gender accuracy and chips age F1: one
@@ -383,7 +386,7 @@ def score_run(name: str, seed: int, budget: Budget, prepared: Prepared, work: Pa
     kept = ("train_min", "best_epoch", "val_f1_at_own_threshold")
     row = {"variant": name, "seed": seed, **{k: facts[k] for k in kept},
            "val_f1": figures("val", probs["val"], truths["val"])["val_f1"]}
-    calibrated, row["calibration"] = calibrate(probs, truths["val"], schema)
+    calibrated, row["calibration"] = calibrate(out / "best.pt", cfg, probs, truths["val"], val["person_id"], schema)
     for suffix, these in (("", probs), ("_cal", calibrated)):
         if these is None:
             continue
@@ -409,15 +412,19 @@ def keep_probs(path: Path, probs: dict, val_truth: dict, val_people) -> None:
         np.savez_compressed(f, **arrays)
 
 
-def calibrate(probs: dict, val_truth: dict, schema) -> tuple[dict | None, dict | None]:
-    """(every set's probabilities with offsets fitted on the val people, the fitted record); Nones without
-    mtl.calibration."""
-    try:
-        from mtl import calibration
-    except ImportError:
-        return None, None
-    fitted = calibration.fit(probs["val"], val_truth, schema)
-    return {where: calibration.apply(p, fitted) for where, p in probs.items()}, fitted.to_dict()
+def calibrate(best: Path, cfg, probs: dict, val_truth: dict, val_people, schema) -> tuple[dict, dict]:
+    """(every set's probabilities calibrated as predict.py answers, the record with its source).
+
+    The offsets are those training stored in best.pt (fitted on the val people, cross-validated by person, the
+    heads of `calibrate`); a checkpoint trained before training fitted them gets the same fit here, on the
+    same val probabilities (those of its best epoch) with the same settings."""
+    from mtl import calibration
+    from mtl import checkpoint as ckpt_io
+    fitted, source = ckpt_io.calibration_of(ckpt_io.load(best)), "checkpoint"
+    if fitted is None:
+        fitted = calibration.fit(probs["val"], val_truth, schema, groups=val_people.to_numpy(), tasks=cfg.calibrate)
+        source = "fitted here as training fits it"
+    return {where: calibration.apply(p, fitted) for where, p in probs.items()}, {**fitted.to_dict(), "source": source}
 
 
 def figures(where: str, probs: dict, truth: dict | None, facemask=None) -> dict:
