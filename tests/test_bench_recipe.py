@@ -117,3 +117,39 @@ def test_a_work_folder_refuses_another_budget_so_kept_results_keep_their_meaning
         recipe.check_work(tmp_path / "work", {**settings, "epochs": 3})
     assert str(exit_.value) == (f"error: --work {tmp_path / 'work'} was prepared with --epochs 4 (now 3); pass the "
                                 f"same budget or choose another --work")
+
+
+@pytest.mark.slow  # eight fits on 1,500 photos
+def test_calibration_comparison_scores_kept_probabilities_on_people_it_never_fitted(tmp_path):
+    import json
+
+    from bench import recipe_calibration
+    from bench.calibration import synthetic
+
+    def answers(n, seed):  # 60+ under-confident by 2 nats: the age offsets have something to fix
+        probs, truth = synthetic(n, seed, bias=2.0)
+        return probs, {"mask": truth["mask"], "gender": truth["gender"],
+                       "age_years": np.array([20, 40, 70])[truth["age_group"]]}
+    (val, val_truth), (evaluated, eval_truth), (fm, fm_truth), (chips, chips_truth) = (
+        answers(n, seed) for n, seed in ((1500, 0), (1500, 1), (400, 2), (400, 3)))
+    work = tmp_path / "work"
+    for name in ("baseline", "+real_masks"):
+        folder = recipe.run_folder(work, name, 0)
+        folder.mkdir(parents=True)
+        recipe.keep_probs(folder / "probs.npz", {"val": val, "eval": evaluated, "fm": fm, "chips": chips}, val_truth,
+                          pd.Series(np.arange(1500) // 5).astype(str))
+        (folder / "train.json").write_text(json.dumps({"config": {"age_threshold": 60}}))
+    prepared = recipe.Prepared(data=None, eval_samples=None, eval_truth=eval_truth,
+                               facemask=pd.DataFrame({"mask": fm_truth["mask"]}), chips=None,
+                               chips_truth=chips_truth, facemask_extra=None)
+    result = recipe_calibration.compare(work, prepared, log=lambda *_: None)
+    raw, fitted = result["runs"][1]["raw"], result["runs"][1]["age"]  # sorted: baseline second
+    assert result["runs"][1]["variant"] == "baseline"
+    assert raw["eval_f1"] == recipe.figures("eval", evaluated, eval_truth)["eval_f1"]  # read back as kept
+    assert fitted["moved"] and fitted["eval_f1"] > raw["eval_f1"] + 0.01  # fitted on val, better on eval people
+    assert fitted["fm_real_mask_acc"] == raw["fm_real_mask_acc"]  # the age offsets move no mask answer
+    age = result["differences"]["age"]
+    assert age["eval_f1"]["runs"] == 2 and age["eval_f1"]["mean"] == pytest.approx(fitted["eval_f1"] - raw["eval_f1"])
+    assert age["fm_bare_not_wear"]["runs"] == 1  # the run that trained on facemask-dev is not scored on it
+    assert result["runs"][0]["raw"]["cross"] is None
+    assert "| age |" in recipe_calibration.report(result)
