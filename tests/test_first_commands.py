@@ -68,7 +68,7 @@ def test_tensorboard_command_serves_the_runs_scalars_and_images(trained_run, tmp
     with open(log, "w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
     try:
-        scalars, images, deadline = {}, {}, time.time() + 90
+        scalars, images, deadline = {}, {}, time.time() + 300  # a bound on the event: a busy machine is slow
         while time.time() < deadline:
             if server.poll() is not None:
                 pytest.fail(f"tensorboard exited with {server.returncode}:\n{log.read_text()[-3000:]}")
@@ -81,7 +81,7 @@ def test_tensorboard_command_serves_the_runs_scalars_and_images(trained_run, tmp
                 break
             time.sleep(0.5)
         else:
-            pytest.fail(f"tensorboard did not serve the run within 90 s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"tensorboard did not serve the run within 300 s:\n{log.read_text()[-3000:]}")
     finally:
         server.terminate()
         server.wait(timeout=30)

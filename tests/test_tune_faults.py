@@ -1,6 +1,8 @@
 """tune.py under faults (run alone: pytest -m faults): a study killed with SIGKILL and interrupted with SIGINT
 in the middle of trials (real processes) loses no finished trial, runs the killed trial again, cleans what the
 kill left behind (last.pt, unfinished .tmp writes), and the rerun ends with exactly --trials finished trials.
+Each signal lands at a known moment, on a fast machine or a busy one: the process stops itself between a trial's
+first and second epoch (tests/stop_runner.py) and waits there for the test.
 """
 import os
 import signal
@@ -28,30 +30,40 @@ def command(tmp_path_factory, cache_dir):
     return make
 
 
-def start(argv, log):
+def start(argv, log, skip=()):
+    """tune.py ARGV in a real process that stops itself right after the first epoch of a trial not in `skip`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "tune.py", *argv], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    skip_text = ",".join(str(n) for n in sorted(skip)) or "-"
+    return subprocess.Popen([sys.executable, "-m", "tests.stop_runner", skip_text, "tune.py", *argv], cwd=ROOT,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def mid_trial(proc, out, skip=(), timeout=300) -> int:
-    """Wait until a trial (not in `skip`) is between its epochs (its last.pt is written); return its number."""
+def stopped_mid_trial(proc, out, timeout=600) -> int:
+    """Wait for the process to stop at its pause point (tests/stop_runner.py); return the trial it stopped in.
+
+    The bound only ends a wait for an event that did not come (the stop, or an early end); no clock decides when the
+    signal lands: the process is frozen between a trial's first and second epoch until the test acts.
+    """
     deadline = time.time() + timeout
     while True:
-        found = [int(p.parent.name) for p in out.glob("trials/*/last.pt") if int(p.parent.name) not in skip]
-        if found:
-            return found[0]
-        assert proc.poll() is None, f"tune.py ended (exit {proc.returncode}) before the trial to interrupt"
-        assert time.time() < deadline, f"no trial reached its second epoch in {timeout} s"
+        pid, status = os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)
+        if pid and os.WIFSTOPPED(status):
+            break
+        assert not pid, f"tune.py ended (wait status {status}) before the trial to interrupt"
+        assert time.time() < deadline, f"tune.py did not reach its pause point in {timeout} s"
         time.sleep(0.1)
+    found = [int(p.parent.name) for p in out.glob("trials/*/last.pt")]
+    assert len(found) == 1, found  # the one trial in progress: one epoch committed, more to train
+    return found[0]
 
 
 @pytest.mark.slow
 def test_sigkill_and_sigint_mid_study_lose_nothing(command, tmp_path):
     out = tmp_path / "study"
     with open(tmp_path / "run1.log", "w") as log:
-        proc = start(command(out), log)
-        killed = mid_trial(proc, out, skip={0})  # trial 0 finished, the next one between its epochs
+        proc = start(command(out), log, skip={0})
+        killed = stopped_mid_trial(proc, out)  # trial 0 finished, the next one between its epochs
+        assert killed == 1
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
     # NOTE: a kill inside an atomic write (mtl/io.atomic_path) leaves this; its window is milliseconds, so plant it
@@ -60,10 +72,11 @@ def test_sigkill_and_sigint_mid_study_lose_nothing(command, tmp_path):
     assert (out / "trials" / str(killed) / "last.pt").is_file()
 
     with open(tmp_path / "run2.log", "w") as log:
-        proc = start(command(out), log)
-        interrupted = mid_trial(proc, out, skip={killed})
+        proc = start(command(out), log, skip={killed})
+        interrupted = stopped_mid_trial(proc, out)  # the killed trial's retry, between its epochs
         assert not leftover.exists() and not (out / "trials" / str(killed) / "last.pt").exists()  # cleaned at start
         proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)  # NOTE: the interrupt is pending; it is handled as soon as it runs again
         assert proc.wait(timeout=120) == 130
     printed = (tmp_path / "run2.log").read_text()
     assert "interrupted: the study is kept" in printed and "Traceback" not in printed, printed[-3000:]
