@@ -80,8 +80,8 @@ def compare(work: Path, prepared, variants=None, log=print) -> dict:
             fitted = calibration.fit(probs["val"], val_truth, schema, groups=people, tasks=heads)
             row[choice] = scored({w: calibration.apply(p, fitted) for w, p in probs.items()}, prepared, unseen)
             row[choice]["moved"] = any(v != 0 for offsets in fitted.offsets.values() for v in offsets)
-        log(f"{name} seed {seed}: eval F1 raw {row['raw']['eval_f1']:.3f}, " + ", ".join(
-            f"{c} {row[c]['eval_f1']:+.3f}" for c in CHOICES))
+        log(f"{name} seed {seed}: eval F1 raw {row['raw']['eval_f1']:.3f}, calibrated minus raw: " + ", ".join(
+            f"{c} {row[c]['eval_f1'] - row['raw']['eval_f1']:+.3f}" for c in CHOICES))
         rows.append(row)
     differences = {}
     for choice in CHOICES:
