@@ -30,6 +30,9 @@ def pause_after_first_epoch(skip: set[int]):
 
 
 def main():
+    # NOTE: a process started in the background of a non-interactive shell (`nohup pytest &`, a CI runner) inherits
+    # SIGINT ignored, and so would this one; the test stands for a user pressing Ctrl-C at a terminal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     skip_text, script, *args = sys.argv[1:]
     pause_after_first_epoch(set() if skip_text == "-" else {int(n) for n in skip_text.split(",")})
     sys.argv = [script, *args]
