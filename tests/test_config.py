@@ -38,7 +38,7 @@ def test_no_config_runs_exactly_configs_default_yaml(tmp_path, monkeypatch):
     named = resolve_config(parser.parse_args(["--config", str(ROOT / "configs" / "default.yaml")]))
     assert plain.to_dict() == named.to_dict()
     assert plain.img_size == [240, 320] and plain.age_reg_weight == 0.0 and plain.patience == 4
-    assert plain.losses["age"] == {"name": "ce", "label_smoothing": 0.05}
+    assert plain.losses["age"] == {"name": "ce", "class_weights": "balanced", "label_smoothing": 0.05}
     from mtl.cli import overrides_from_args
     tuned = config.build(overrides_from_args(tune_parser().parse_args([])), None)  # tune.py trials' base
     assert tuned.to_dict() == plain.to_dict()
@@ -72,7 +72,7 @@ def test_help_shows_every_flags_default():
                 assert "(default: " in action.help, action.option_strings
     text = " ".join(get_args_parser().format_help().split())
     for shown in ("network input W H (or one number for a square) (default: 240 320)", "(default: 0.0003)",
-                  "(default: ce:label_smoothing=0.05)", "(default: efficientnet_b3)"):
+                  "(default: ce:class_weights=balanced,label_smoothing=0.05)", "(default: efficientnet_b3)"):
         assert shown in text, shown
 
 
