@@ -381,19 +381,16 @@ def score_run(name: str, seed: int, budget: Budget, prepared: Prepared, work: Pa
     probs, schema = {}, None
     for where, samples in tables.items():
         probs[where], schema = predict_on(out / "best.pt", samples, str(work / "cache"), budget.workers, budget.device)
-    truths = {"val": truth_of(val), "eval": prepared.eval_truth, "chips": prepared.chips_truth}
-    keep_probs(out / "probs.npz", probs, truths["val"], val["person_id"].to_numpy())
+    val_truth = truth_of(val)
+    keep_probs(out / "probs.npz", probs, val_truth, val["person_id"].to_numpy())
     kept = ("train_min", "best_epoch", "val_f1_at_own_threshold")
     row = {"variant": name, "seed": seed, **{k: facts[k] for k in kept},
-           "val_f1": figures("val", probs["val"], truths["val"])["val_f1"]}
-    calibrated, row["calibration"] = calibrate(out / "best.pt", cfg, probs, truths["val"], val["person_id"], schema)
+           "val_f1": figures("val", probs["val"], val_truth)["val_f1"]}
+    calibrated, row["calibration"] = calibrate(out / "best.pt", cfg, probs, val_truth, val["person_id"], schema)
     for suffix, these in (("", probs), ("_cal", calibrated)):
         if these is None:
             continue
-        for where in ("eval", "fm", "chips"):
-            row.update({k + suffix: v for k, v in figures(where, these[where], truths.get(where),
-                                                          prepared.facemask).items()})
-        row["cross" + suffix] = float(sum(row[k + suffix] for k in CROSS_PARTS) / len(CROSS_PARTS))
+        row.update({k + suffix: v for k, v in collection_figures(these, prepared).items()})
     row["calibrated"] = calibrated is not None
     row["facemask_unseen"] = name not in NOT_UNSEEN
     return row
@@ -410,6 +407,28 @@ def keep_probs(path: Path, probs: dict, val_truth: dict, val_people) -> None:
     arrays["val_people"] = np.asarray(val_people).astype(str)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
+
+
+def read_probs(path: Path) -> tuple[dict, dict, object]:
+    """What keep_probs wrote: (every set's probabilities, the val truth, the val person ids)."""
+    import numpy as np
+    probs, truth = {}, {}
+    with np.load(path) as npz:
+        people = npz["val_people"]
+        for key in npz.files:
+            if key != "val_people":
+                where, name = key.split("/", 1)
+                (truth if where == "val_truth" else probs.setdefault(where, {}))[name] = npz[key]
+    return probs, truth, people
+
+
+def collection_figures(probs: dict, prepared: Prepared) -> dict:
+    """The eval, fm and chips figures of one run's answers, and their cross-collection score `cross`."""
+    row = {}
+    for where, truth in (("eval", prepared.eval_truth), ("fm", None), ("chips", prepared.chips_truth)):
+        row.update(figures(where, probs[where], truth, prepared.facemask))
+    row["cross"] = float(sum(row[k] for k in CROSS_PARTS) / len(CROSS_PARTS))
+    return row
 
 
 def calibrate(best: Path, cfg, probs: dict, val_truth: dict, val_people, schema) -> tuple[dict, dict]:

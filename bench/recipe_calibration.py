@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import recipe
 from bench.common import table, write_json
-from bench.recipe import CROSS_PARTS, NOT_UNSEEN, figures, mean_sd, run_folder
+from bench.recipe import CROSS_PARTS, NOT_UNSEEN, collection_figures, mean_sd, read_probs, run_folder
 
 CHOICES = {"age": ("age",), "gender": ("gender",), "mask": ("mask",), "all heads": ("mask", "gender", "age")}
 SHOWN = ("cross",) + CROSS_PARTS
@@ -39,29 +39,11 @@ def kept_runs(work: Path, variants) -> list[tuple[str, int]]:
     return runs
 
 
-def read_probs(path: Path) -> tuple[dict, dict, object]:
-    """(per-set probabilities, the val truth, the val person ids) from a probs.npz."""
-    import numpy as np
-    probs, truth = {}, {}
-    with np.load(path) as npz:
-        for key in npz.files:
-            if key == "val_people":
-                people = npz[key]
-                continue
-            where, name = key.split("/", 1)
-            (truth if where == "val_truth" else probs.setdefault(where, {}))[name] = npz[key]
-    return probs, truth, people
-
-
 def scored(probs: dict, prepared, fm_unseen: bool) -> dict:
-    """The cross-collection figures of one set of answers (facemask figures None where the run saw facemask-dev)."""
-    row = {}
-    for where, truth in (("eval", prepared.eval_truth), ("fm", None), ("chips", prepared.chips_truth)):
-        row.update(figures(where, probs[where], truth, prepared.facemask))
+    """bench.recipe's figures of one set of answers; facemask figures and cross None where the run saw facemask-dev."""
+    row = collection_figures(probs, prepared)
     if not fm_unseen:
-        row.update({"fm_real_mask_acc": None, "fm_bare_not_wear": None})
-    parts = [row[k] for k in CROSS_PARTS]
-    row["cross"] = None if None in parts else sum(parts) / len(parts)
+        row.update({"fm_real_mask_acc": None, "fm_bare_not_wear": None, "cross": None})
     return row
 
 
