@@ -100,6 +100,15 @@ def _loss(task, **spec):
     return {"losses": {task: spec}}
 
 
+# configs/default.yaml since 7075b39 is BASELINE with age regression off (the variant `age_reg_0`); variants named
+# `age_reg_0+...` change one setting more, so their paired difference is read `--against age_reg_0`
+NEW_DEFAULTS = "age_reg_0"
+
+
+def _on_new_defaults(**change):
+    return {"age_reg_weight": 0.0, **change}
+
+
 # name -> the one change from BASELINE. Special keys: `img_scale` and `epoch_scale` scale the budget's image size
 # and epochs (image size at equal pixels x epochs); `ema` "budget" takes the budget's decay; `extra_masks` imports
 # the other facemask-dev half as partial-label extra data.
@@ -130,6 +139,18 @@ VARIANTS = {
     "age_threshold_59": {"age_threshold": 59},
     "drop_ages_57-59": {"drop_ages": "57-59"},
     "+real_masks": {"extra_masks": True},
+    # round 2: one change from the new defaults
+    "age_reg_0+mask_balanced": _on_new_defaults(**_loss("mask", name="ce", class_weights="balanced",
+                                                        label_smoothing=0.05)),
+    "age_reg_0+ema": _on_new_defaults(ema="budget"),
+    "age_reg_0+freeze_2": _on_new_defaults(freeze_blocks=2),
+    "age_reg_0+head_dropout_0": _on_new_defaults(head_dropout=0.0),
+    "age_reg_0+drop_path_0": _on_new_defaults(drop_path_rate=0.0),
+    "age_reg_0+augment_baseline": _on_new_defaults(augment="baseline"),
+    "age_reg_0+lr_1e-3": _on_new_defaults(lr=1e-3),
+    "age_reg_0+warmup_0": _on_new_defaults(warmup_epochs=0.0),
+    "age_reg_0+mixup_0.2": _on_new_defaults(mixup=0.2),
+    "age_reg_0+size_small": _on_new_defaults(img_scale=96 / 112, epoch_scale=5 / 4),
 }
 NOT_UNSEEN = {"+real_masks"}  # variants trained on facemask-dev photos: its figures are not on an unseen collection
 MAX_IMG_SCALE = max(v.get("img_scale", 1.0) for v in VARIANTS.values() if v)
@@ -479,8 +500,8 @@ def mean_sd(values) -> tuple[float, float]:
     return mean, sd
 
 
-def summarize(rows: list[dict], variants) -> tuple[list, list]:
-    """(per-variant means and sds over seeds, per-variant paired differences from baseline with the noise flag)."""
+def summarize(rows: list[dict], variants, against: str = "baseline") -> tuple[list, list]:
+    """(per-variant means and sds over seeds, per-variant paired differences from `against` with the noise flag)."""
     by = {}
     for row in rows:
         by.setdefault(row["variant"], {})[row["seed"]] = row
@@ -496,9 +517,9 @@ def summarize(rows: list[dict], variants) -> tuple[list, list]:
             entry[key], entry[key + "_sd"] = mean, sd
         summary.append(entry)
     differences = []
-    base = by.get("baseline", {})
+    base = by.get(against, {})
     for name in variants:
-        if name == "baseline" or name not in by:
+        if name == against or name not in by:
             continue
         entry = {"variant": name}
         for key in DIFFERENCES:
@@ -525,8 +546,8 @@ def diff_cell(d) -> str:
     return f"{d['mean']:+.3f} ± {d['sd']:.3f}" + (" ~" if d["within_noise"] else "")
 
 
-def tables(summary, differences) -> str:
-    """The report as Markdown: same-source figures, other collections, paired differences from baseline."""
+def tables(summary, differences, against: str = "baseline") -> str:
+    """The report as Markdown: same-source figures, other collections, paired differences from `against`."""
     out = []
     for title, columns in (("Same source (UTKFace people) and the cross-collection score", SAME_SOURCE),
                            ("Other collections (facemask-dev half never trained on; raw UTKFace chips)",
@@ -537,7 +558,7 @@ def tables(summary, differences) -> str:
                 ""]
     if differences:
         rows = [{"variant": d["variant"], **{k: diff_cell(d.get(k)) for k in DIFFERENCES}} for d in differences]
-        out += ["### Paired difference from baseline (same seed and fold: mean ± sd; ~ within noise)", "",
+        out += [f"### Paired difference from {against} (same seed and fold: mean ± sd; ~ within noise)", "",
                 table(rows, ["variant"] + DIFFERENCES), ""]
     return "\n".join(out)
 
@@ -553,6 +574,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                         help="variants to run (default: all; --list shows them)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--against", default="baseline", choices=list(VARIANTS), metavar="NAME",
+                        help="the variant the paired differences are taken from (default baseline; age_reg_0 for "
+                             "the age_reg_0+... variants); it must be among --variants")
     parser.add_argument("--list", action="store_true", help="print every variant's exact change and exit")
     budget = parser.add_argument_group("budget (defaults: CPU; --full: GPU)")
     budget.add_argument("--full", action="store_true", help="every UTKFace person not held out, 240x320, 12 epochs, "
@@ -583,6 +607,8 @@ def check_args(args, parser):
         parser.error(f"--workers must be at least 0, got {args.workers}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds lists a seed twice: {args.seeds}")
+    if args.against not in args.variants:
+        parser.error(f"--against {args.against} is not among --variants: run it beside them (paired by seed)")
     if args.rescore and not args.work:
         parser.error("--rescore needs --work (the folder that holds the runs)")
 
@@ -594,7 +620,7 @@ def main(argv=None):
     budget = budget_from_args(args)
     if args.list:
         for name in VARIANTS:
-            print(f"{name:18s} {describe(name, budget)}")
+            print(f"{name:26s} {describe(name, budget)}")
         return
     require_shared()
     people = budget.people or "every"
@@ -634,18 +660,19 @@ def main(argv=None):
                       f"{cal['f1_before']:.3f} -> {cal['f1_after']:.3f} where fitted)") if cal else "; no calibration"
         print(f"    done in {minutes(spent[-1])}: eval F1 {row['eval_f1']:.3f}, cross {row['cross']:.3f}{calibrated}",
               flush=True)
-    summary, differences = summarize(rows, args.variants)
-    report = tables(summary, differences)
+    summary, differences = summarize(rows, args.variants, args.against)
+    report = tables(summary, differences, args.against)
     print("\n" + report)
     if rows and not all(r["calibrated"] for r in rows):
         print("note: mtl.calibration was not available for every run: the `cal` figures are missing (n/a) there")
     settings = {**dataclasses.asdict(budget), "crop_size": budget.crop_size, "variants": args.variants,
-                "seeds": args.seeds, "proxy_seed": PROXY_SEED, "model": MODEL, "true_threshold": TRUE_THRESHOLD}
+                "seeds": args.seeds, "against": args.against, "proxy_seed": PROXY_SEED, "model": MODEL,
+                "true_threshold": TRUE_THRESHOLD}
     path = write_json({"settings": settings,
                        "variants": {n: describe(n, budget) for n in args.variants},
                        "cross_score": "mean of " + ", ".join(CROSS_PARTS),
                        "noise_rule": "within noise when |mean paired difference| <= max(sd of the paired "
-                                     "differences, baseline's sd over seeds)",
+                                     f"differences, {args.against}'s sd over seeds)",
                        "summary": summary, "differences": differences, "per_seed": rows, "report": report}, args.out)
     print(f"\nwritten {path}")
     if not args.work:

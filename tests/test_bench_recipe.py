@@ -16,18 +16,19 @@ def budget(**changes):
     return recipe.budget_from_args(argparse.Namespace(**{**vars(args), **changes}))
 
 
-def test_each_variant_is_one_valid_change_from_the_pinned_baseline():
+def test_each_variant_is_one_valid_change_from_the_pinned_baseline_or_the_new_defaults():
     b = budget()
-    base = recipe.variant_overrides("baseline", b)
     assert set(recipe.BASELINE) <= set(config.FIELDS)  # pins are settings, nothing else
     for name in recipe.VARIANTS:
+        reference = recipe.NEW_DEFAULTS if name.startswith(recipe.NEW_DEFAULTS + "+") else "baseline"
+        base = recipe.variant_overrides(reference, b)
         values = recipe.variant_overrides(name, b)
         changed = {k for k in set(values) | set(base) if values.get(k) != base.get(k)}
         if name == "defaults":
             assert set(values) == {"img_size", "epochs"}  # the budget only: configs/default.yaml decides the rest
         elif name == "baseline":
             assert values["img_size"] == [112, 112] and values["epochs"] == 4
-        elif name.startswith("size_"):
+        elif name.split("+")[-1].startswith("size_"):
             assert changed == {"img_size", "epochs"}
         else:
             assert len(changed) == 1, (name, changed)
@@ -36,6 +37,12 @@ def test_each_variant_is_one_valid_change_from_the_pinned_baseline():
         values.pop("extra_masks", None)
         config.build({**values, "data": "unused"})  # a valid config (nothing is read)
     assert recipe.variant_overrides("mask_ls_0", b)["losses"]["age"] == recipe.BASELINE["losses"]["age"]
+    new = recipe.variant_overrides("age_reg_0+mask_balanced", b)
+    assert new["age_reg_weight"] == 0.0 and new["losses"]["mask"]["class_weights"] == "balanced"
+    # the new defaults are configs/default.yaml: every pinned value of `age_reg_0` is what a plain run gets
+    defaults = config.build({"data": "unused"})
+    pinned = recipe.variant_overrides(recipe.NEW_DEFAULTS, b)
+    assert {k: getattr(defaults, k) for k in recipe.BASELINE} == {k: pinned[k] for k in recipe.BASELINE}
 
 
 def test_image_size_variants_keep_pixels_times_epochs_and_crops_fit_the_largest():
@@ -85,6 +92,17 @@ def test_paired_differences_and_the_noise_rule():
     assert not recipe.summarize(calm, ["baseline", "lr_1e-3"])[1][0]["eval_f1"]["within_noise"]
     text = recipe.tables(summary, differences)
     assert "| lr_1e-3 | +0.020 ± 0.000 ~ |" in text and "0.550 ± 0.050" in text
+    # --against: the paired differences are read from another variant, its seed spread sets the noise
+    _, against = recipe.summarize(rows, ["baseline", "lr_1e-3", "warmup_0"], against="lr_1e-3")
+    assert [d["variant"] for d in against] == ["baseline", "warmup_0"]
+    assert against[1]["eval_f1"]["mean"] == pytest.approx(-0.02)
+    assert "Paired difference from lr_1e-3" in recipe.tables(summary, against, "lr_1e-3")
+
+
+def test_against_must_be_run_beside_the_variants(capsys):
+    with pytest.raises(SystemExit):
+        recipe.main(["--variants", "age_reg_0+ema", "--against", "age_reg_0", "--work", "unused"])
+    assert "--against age_reg_0 is not among --variants" in capsys.readouterr().err
 
 
 def one_hot(classes, n):
