@@ -142,6 +142,9 @@ VARIANTS = {
     # round 2: one change from the new defaults
     "age_reg_0+mask_balanced": _on_new_defaults(**_loss("mask", name="ce", class_weights="balanced",
                                                         label_smoothing=0.05)),
+    # halfway: the square root of the balanced weights at the competition's 5:1:1 (wear : incorrect : not wear)
+    "age_reg_0+mask_sqrt_balanced": _on_new_defaults(**_loss("mask", name="ce", class_weights=[0.55, 1.23, 1.23],
+                                                             label_smoothing=0.05)),
     "age_reg_0+ema": _on_new_defaults(ema="budget"),
     "age_reg_0+freeze_2": _on_new_defaults(freeze_blocks=2),
     "age_reg_0+head_dropout_0": _on_new_defaults(head_dropout=0.0),
