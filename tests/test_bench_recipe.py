@@ -171,3 +171,41 @@ def test_calibration_comparison_scores_kept_probabilities_on_people_it_never_fit
     assert age["fm_bare_not_wear"]["runs"] == 1  # the run that trained on facemask-dev is not scored on it
     assert result["runs"][0]["raw"]["cross"] is None
     assert "| age |" in recipe_calibration.report(result)
+
+
+def test_hard_cases_are_the_photos_most_runs_answer_wrong_drawn_with_their_answers(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from bench import recipe_hard_cases
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    paths = []
+    for i in range(5):
+        paths.append(work / "photos" / f"{i}.png")
+        Image.new("RGB", (24, 24), (40 * i, 80, 120)).save(paths[-1])
+    # photos 1-3 are bare (not wear = 2); photo 2 is answered wrong by 2 of 3 runs, photo 3 by 1 of 3
+    pd.DataFrame({"image_path": [str(p) for p in paths], "mask": [0, 2, 2, 2, 1]}).to_csv(
+        work / recipe_hard_cases.LISTING, index=False)
+    answers = {("baseline", 0): [0, 2, 0, 2, 1], ("baseline", 1): [0, 2, 1, 0, 1], ("age_reg_0", 0): [0, 2, 2, 2, 1],
+               ("+real_masks", 0): [0, 0, 0, 0, 0]}  # trained on facemask-dev: never counted
+    for (name, seed), mask in answers.items():
+        folder = recipe.run_folder(work, name, seed)
+        folder.mkdir(parents=True)
+        probs = {"mask": one_hot(mask, 3), "gender": one_hot([0] * 5, 2), "age": one_hot([0] * 5, 3)}
+        recipe.keep_probs(folder / "probs.npz", {"fm": probs}, {"mask": np.zeros(1)}, ["p"])
+        (folder / "train.json").write_text("{}")
+    runs, photos, answered = recipe_hard_cases.answers_by_photo(work, truth=2)
+    assert sorted(runs) == [("age_reg_0", 0), ("baseline", 0), ("baseline", 1)] and answered.shape == (3, 3)
+    cases = recipe_hard_cases.hard_cases(answered, truth=2)
+    assert [c["photo"] for c in cases] == [1]  # photo 2 of the listing: right in 1 of 3 runs (photo 3: 2 of 3)
+    assert cases[0]["answers"] == [1, 1, 1] and cases[0]["right"] == pytest.approx(1 / 3)
+    out = tmp_path / "hard.png"
+    recipe_hard_cases.main(["--work", str(work), "--out", str(out)])
+    assert Image.open(out).size[0] > 100
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["photos"] == 3 and written["hard_cases"][0]["image"] == "2.png"
+    assert written["share_right"] == pytest.approx(6 / 9)
+    with pytest.raises(SystemExit, match="not found: run bench.recipe"):
+        recipe_hard_cases.main(["--work", str(tmp_path / "empty"), "--out", str(out)])
