@@ -42,21 +42,24 @@ Variants (`--list`) change one setting each from `baseline`, which pins today's 
 meaning after configs/default.yaml changes); `defaults` is configs/default.yaml as it stands when run
 (`--variants baseline defaults` is the before/after comparison); `+real_masks` adds the other facemask-dev half
 as partial-label --extra data, so its facemask figures are not on an unseen collection (marked, never a winner).
+The `age_reg_0+...` variants (round 2) change one setting more from `age_reg_0`, which equals configs/default.yaml
+since 7075b39; `--against age_reg_0` reads their paired differences from it.
 
 Every variant runs over --seeds (the training seed, which also moves the person-level folds; the prepared data
 stays fixed), interleaved: for each seed, every variant in an order shuffled by that seed. Each finished
 (variant, seed) is kept as JSON in --work and skipped on a rerun (a kill loses at most the run in progress);
 --rescore scores the kept best.pt files again (e.g. once calibration exists). The report gives per variant the
-mean +- sd over seeds, and its paired difference from `baseline` (same seed, same fold): the mean and sd of the
-per-seed differences, flagged `~` (within noise) when |mean difference| <= max(sd of the differences, the
-baseline's sd over seeds).
+mean +- sd over seeds, and its paired difference from `baseline` (or --against; same seed, same fold): the mean
+and sd of the per-seed differences, flagged `~` (within noise) when |mean difference| <= max(sd of the
+differences, the reference's sd over seeds).
 
 Cost on 2 CPU cores: preparing takes ~3.5 min once; one run at the default budget 5.7-7.8 min on a machine
-shared with other jobs (16-47 training img/s), about 4.3 min idle, so all 78 runs take ~5.6 h alone on the
-machine. --work keeps every finished run, so it can be done in sittings (e.g. --seeds 0 1, then --seeds 2).
+shared with other jobs (16-47 training img/s), about 4.3 min idle, so every variant (`--list`) over 3 seeds takes ~8 h
+alone on the machine. --work keeps every finished run, so it can be done in sittings (e.g. --seeds 0 1, then --seeds 2).
 
-    python -m bench.recipe --work /tmp/recipe                          # everything: 26 variants x 3 seeds, CPU
+    python -m bench.recipe --work /tmp/recipe                          # everything: every variant x 3 seeds, CPU
     python -m bench.recipe --work /tmp/recipe --variants baseline defaults
+    python -m bench.recipe --work /tmp/recipe --variants age_reg_0 age_reg_0+lr_1e-3 --against age_reg_0
     python -m bench.recipe --full --work /data/recipe                  # GPU budget
     python -m bench.recipe --list
 """
