@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from bench.common import write_json
-from bench.recipe import NOT_UNSEEN, read_probs
+from bench.recipe import NOT_UNSEEN, read_probs, run_folder
 from bench.recipe_calibration import kept_runs
 
 LISTING = "facemask_test.csv"  # bench.recipe's cropped facemask-dev half never imported (cropped_collection)
@@ -39,7 +39,7 @@ def answers_by_photo(work: Path, truth: int, variants=None) -> tuple[list, list,
         raise SystemExit(f"error: no kept run in {work / 'runs'}" + (f" of {variants}" if variants else ""))
     answered = []
     for name, seed in runs:
-        probs, _, _ = read_probs(work / "runs" / name / f"seed{seed}" / "probs.npz")
+        probs, _, _ = read_probs(run_folder(work, name, seed) / "probs.npz")
         mask = probs["fm"]["mask"]
         if len(mask) != len(photos):
             raise SystemExit(f"error: {name} seed {seed} answered {len(mask)} facemask photos, {listing} lists "
@@ -71,6 +71,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     truth = labels.MASK_NAMES.index(args.truth)
     work = Path(args.work)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # NOTE: as write_json does for the JSON beside it
     runs, photos, answered = answers_by_photo(work, truth, args.variants)
     cases = hard_cases(answered, truth)
     n = len(runs)
