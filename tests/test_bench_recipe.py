@@ -16,11 +16,19 @@ def budget(**changes):
     return recipe.budget_from_args(argparse.Namespace(**{**vars(args), **changes}))
 
 
-def test_each_variant_is_one_valid_change_from_the_pinned_baseline_or_the_new_defaults():
+def reference_of(name):
+    """`a+b+c` changes one setting from `a+b`, `a+b` from `a`; a name with no variant before its `+` is on baseline."""
+    head = name.rsplit("+", 1)[0] if "+" in name else ""
+    return head if head in recipe.VARIANTS else "baseline"
+
+
+def test_each_variant_is_one_valid_change_from_the_pinned_baseline_or_the_variant_its_name_extends():
     b = budget()
     assert set(recipe.BASELINE) <= set(config.FIELDS)  # pins are settings, nothing else
+    assert reference_of("age_reg_0+real_masks+lr_1e-3") == "age_reg_0+real_masks"
+    assert reference_of("age_reg_0+ema") == recipe.NEW_DEFAULTS and reference_of("+real_masks") == "baseline"
     for name in recipe.VARIANTS:
-        reference = recipe.NEW_DEFAULTS if name.startswith(recipe.NEW_DEFAULTS + "+") else "baseline"
+        reference = reference_of(name)
         base = recipe.variant_overrides(reference, b)
         values = recipe.variant_overrides(name, b)
         changed = {k for k in set(values) | set(base) if values.get(k) != base.get(k)}
@@ -37,6 +45,8 @@ def test_each_variant_is_one_valid_change_from_the_pinned_baseline_or_the_new_de
         values.pop("extra_masks", None)
         config.build({**values, "data": "unused"})  # a valid config (nothing is read)
     assert recipe.variant_overrides("mask_ls_0", b)["losses"]["age"] == recipe.BASELINE["losses"]["age"]
+    assert recipe.NOT_UNSEEN == {"+real_masks", "age_reg_0+real_masks", "age_reg_0+real_masks+lr_1e-3",
+                                 "age_reg_0+real_masks+mask_sqrt_balanced"}  # every variant that imports the half
     new = recipe.variant_overrides("age_reg_0+mask_balanced", b)
     assert new["age_reg_weight"] == 0.0 and new["losses"]["mask"]["class_weights"] == "balanced"
     # the new defaults are configs/default.yaml: every pinned value of `age_reg_0` is what a plain run gets
