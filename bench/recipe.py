@@ -345,9 +345,8 @@ def cropped_collection(work: Path, name: str, samples, record: dict, budget: Bud
     """
     import pandas as pd
 
-    from data_tools.crop_faces import save_photo
-    from mtl.face_crop import CHUNK_BATCHES, DEFAULT_BATCH_SIZE, crop_images, detector_for
-    from mtl.images import decode_image
+    from data_tools.crop_faces import crop_photos
+    from mtl.face_crop import detector_for
     from mtl.io import atomic_write_csv
     listing = work / f"{name}.csv"
     if listing.is_file():
@@ -356,13 +355,9 @@ def cropped_collection(work: Path, name: str, samples, record: dict, budget: Bud
     targets = [folder / f"{i:05d}_{Path(p).stem}.png" for i, p in enumerate(samples["image_path"])]
     todo = [i for i, t in enumerate(targets) if not t.is_file()]
     log(f"face-cropping {len(todo)} photos of {name} ({len(samples)} in all)")
-    detector = detector_for(record, budget.device) if todo else None
-    chunk = CHUNK_BATCHES * DEFAULT_BATCH_SIZE
-    for start in range(0, len(todo), chunk):
-        rows = todo[start:start + chunk]
-        crops = crop_images([decode_image(samples["image_path"][i]) for i in rows], detector, record)
-        for i, crop in zip(rows, crops):
-            save_photo(crop.pixels, targets[i])
+    if todo:
+        crop_photos([samples["image_path"][i] for i in todo], [targets[i] for i in todo],
+                    detector_for(record, budget.device), record, budget.workers, progress=False)
     cropped = samples.assign(image_path=[str(t) for t in targets])
     atomic_write_csv(cropped, listing)
     return cropped

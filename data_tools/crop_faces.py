@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -146,6 +147,30 @@ def check_out(root: Path, out: Path, settings: dict):
                           f"choose a new or empty folder")
 
 
+def crop_photos(sources, targets, detector, settings: dict, workers=2, progress=True, on_chunk=None,
+                batch_size=None) -> list:
+    """Crop each photo to the face and write it to its target (atomically; the format the name says).
+
+    Photos are decoded ahead in threads and detected a few detector batches at a time; on_chunk(index of the
+    chunk's first photo, its crops) runs once a chunk is written. Returns every photo's mtl.face_crop.Crop
+    without its pixels (box, prob, fallback).
+    """
+    found = []
+    chunk_size = CHUNK_BATCHES * (batch_size or getattr(detector, "batch_size", DEFAULT_BATCH_SIZE))
+    bar = tqdm(total=len(sources), desc="cropping faces", unit="img", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max(1, workers)) as pool, bar:
+        for start in range(0, len(sources), chunk_size):
+            images = list(pool.map(decode_image, sources[start:start + chunk_size]))
+            crops = crop_images(images, detector, settings)
+            list(pool.map(save_photo, [c.pixels for c in crops], targets[start:start + chunk_size]))
+            crops = [dataclasses.replace(c, pixels=None) for c in crops]
+            if on_chunk is not None:
+                on_chunk(start, crops)
+            found += crops
+            bar.update(len(crops))
+    return found
+
+
 def crop_dataset(data_root, out, margin=DEFAULT_MARGIN, size=DEFAULT_SIZE, device="auto", batch_size=DEFAULT_BATCH_SIZE,
                  min_face=DEFAULT_MIN_FACE, skip_bad=False, workers=4, progress=True, detector=None,
                  threads=DEFAULT_THREADS, log=print) -> dict:
@@ -171,20 +196,16 @@ def crop_dataset(data_root, out, margin=DEFAULT_MARGIN, size=DEFAULT_SIZE, devic
     if todo and detector is None:
         detector = FaceDetector(device, min_face, batch_size, threads)
     t0 = time.time()
-    with ThreadPoolExecutor(max(1, workers)) as pool, open_boxes(out / BOXES_FILE) as boxes, \
-            tqdm(total=len(todo), desc="cropping faces", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with open_boxes(out / BOXES_FILE) as boxes:
         writer = csv.writer(boxes, lineterminator="\n")
-        chunk_size = CHUNK_BATCHES * batch_size  # NOTE: decode ahead in threads, detect in batches, write, log
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            images = list(pool.map(lambda p: decode_image(root / p), chunk))
-            crops = crop_images(images, detector, settings)
-            list(pool.map(save_photo, [c.pixels for c in crops], [out / rel for rel in chunk]))
-            for rel, crop in zip(chunk, crops):
+
+        def record(first, crops):  # NOTE: after each chunk's photos are written, so a kill loses no box
+            for rel, crop in zip(todo[first:first + len(crops)], crops):
                 writer.writerow([rel, *(f"{v:.1f}" for v in crop.box), f"{crop.prob:.4f}", int(crop.fallback)])
                 done[rel] = {"box": crop.box, "prob": crop.prob, "fallback": int(crop.fallback)}
             boxes.flush()
-            bar.update(len(chunk))
+        crop_photos([root / p for p in todo], [out / p for p in todo], detector, settings, workers, progress,
+                    on_chunk=record, batch_size=batch_size)
     seconds = time.time() - t0
 
     for table in ("train/train.csv", "eval/info.csv", "eval_truth.csv"):
