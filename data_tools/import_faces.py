@@ -7,15 +7,19 @@ the aliases in MASK_FOLDERS) gives the mask state only. This command writes OUT/
 path,mask,gender,age,person_id; -1 = unknown, see mtl.data.read_extra), and training adds it with
 `train_multitask.py --extra OUT/extra.csv`; a task whose label is unknown leaves that photo out of its
 loss. Photos are referenced where they are (absolute paths) unless --copy or --link puts them under
-OUT/images/. Every photo is decoded once first: an unreadable one stops the import, naming it, unless
---skip-bad. Run it as
+OUT/images/. A model trained on face crops (data_tools.crop_faces) should get its extra photos cropped the
+same way: --crop-like DATA_faces crops each photo to the face with the settings DATA_faces/face_crop.json
+records and writes the crops under OUT/images/ (and that record to OUT/face_crop.json). Every photo is
+decoded once first: an unreadable one stops the import, naming it, unless --skip-bad. Run it as
 
     python -m data_tools.import_faces UTKFace/ extra/utk60 --format utkface --min-age 60
     python -m data_tools.import_faces facemask/ extra/masks --format folder --copy
+    python -m data_tools.import_faces facemask/ extra/masks --format folder --crop-like data_faces
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -38,6 +42,7 @@ MASK_FOLDERS = {"wear": 0, "with_mask": 0, "mask": 0,
 MASK_NAMES = {"wear": 0, "incorrect": 1, "not_wear": 2}
 UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_")  # NOTE: only age and gender are needed; a few names lack race
 EXTRA_FILE = "extra.csv"
+WRITTEN = {"copy": "copied", "link": "linked", "crop": "face-cropped"}  # how the photos got under OUT/images/
 
 
 # ---------------------------------------------------------------- reading a source
@@ -106,6 +111,22 @@ def place(path: Path, src: Path, out: Path, how: str) -> Path:
     return Path(os.path.abspath(target))  # NOTE: not resolve(), which would follow a --link back to SRC
 
 
+def crop_like_record(photos: list, src: Path, out: Path, record: dict, device, workers, progress, log) -> list:
+    """Face-crop photos into OUT/images/<path under SRC> as `record` says; write the record to OUT; the crops' paths."""
+    from data_tools.crop_faces import crop_photos
+    from mtl.face_crop import detector_for
+    from mtl.io import atomic_write_text
+    targets = [out / "images" / Path(p).relative_to(src) for p in photos]
+    crops = crop_photos(photos, targets, detector_for(record, device), record, workers, progress)
+    fallbacks = [p for p, crop in zip(photos, crops) if crop.fallback]
+    log(f"face-cropped {len(photos)} photos like {data.FACE_CROP_RECORD} says ({record['size'][0]}x"
+        f"{record['size'][1]}, margin {record['margin']})"
+        + (f"; no face found in {len(fallbacks)}, cropped around the usual place (e.g. {fallbacks[0]})"
+           if fallbacks else ""))
+    atomic_write_text(json.dumps(record, indent=2), out / data.FACE_CROP_RECORD)
+    return [os.path.abspath(t) for t in targets]
+
+
 def label_counts(samples: pd.DataFrame, schema: labels.LabelSchema | None = None) -> dict:
     """{task: {class name: photos, 'unknown': photos}} of a sample table."""
     schema = schema or labels.LabelSchema()
@@ -120,9 +141,22 @@ def label_counts(samples: pd.DataFrame, schema: labels.LabelSchema | None = None
 
 
 def import_faces(src, out, fmt, how="in place", limit=None, min_age=None, max_age=None, assume_mask=None,
-                 skip_bad=False, overwrite=False, seed=0, workers=2, progress=True, log=print) -> pd.DataFrame:
-    """Read SRC in a format, check every photo, write OUT/extra.csv; return the sample table written."""
+                 skip_bad=False, overwrite=False, seed=0, workers=2, progress=True, crop_like=None, device="auto",
+                 log=print) -> pd.DataFrame:
+    """Read SRC in a format, check every photo (face-crop it like `crop_like`), write OUT/extra.csv.
+
+    Returns the sample table written.
+    """
     src, out = Path(src), Path(out)
+    record = None
+    if crop_like is not None:
+        if how != "in place":
+            raise ConfigError(f"--crop-like writes face crops under OUT/images/; it cannot go with --{how}")
+        record = data.read_face_crop_record(crop_like)
+        if record is None:
+            raise ConfigError(f"--crop-like {crop_like}: no {data.FACE_CROP_RECORD} there; crop that data set "
+                              "with data_tools.crop_faces first, or leave --crop-like out")
+        how = "crop"
     if not src.is_dir():
         raise DataError(f"SRC folder not found: {src}")
     if fmt not in FORMATS:
@@ -160,7 +194,10 @@ def import_faces(src, out, fmt, how="in place", limit=None, min_age=None, max_ag
     table = table[~table["image_path"].isin({p.path for p in bad})]
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = [str(place(Path(p), src, out, how)) for p in table["image_path"]]
+    if record is not None:
+        paths = crop_like_record(table["image_path"].tolist(), src, out, record, device, workers, progress, log)
+    else:
+        paths = [str(place(Path(p), src, out, how)) for p in table["image_path"]]
     samples = data.sample_table([(path, person, Path(path).stem, m, g, a, f"extra:{EXTRA_FILE}")
                                  for path, (person, m, g, a) in
                                  zip(paths, table[["person_id", "mask", "gender", "age"]].itertuples(index=False))])
@@ -172,7 +209,7 @@ def summary(samples: pd.DataFrame, out: Path, how: str) -> str:
     """What was imported, per label, and how to train with it."""
     counts = label_counts(samples)
     lines = [f"imported {len(samples)} photos into {out / EXTRA_FILE} "
-             f"({'referenced in place' if how == 'in place' else how + ' under ' + str(out / 'images')})"]
+             f"({'referenced in place' if how == 'in place' else WRITTEN[how] + ' under ' + str(out / 'images')})"]
     for task, per_class in counts.items():
         known = ", ".join(f"{name} {n}" for name, n in per_class.items())
         lines.append(f"  {task + ':':8s}{known}" + (f" (age threshold {labels.DEFAULT_AGE_THRESHOLD})"
@@ -195,6 +232,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="copy the photos to OUT/images/ (OUT is then self-contained)")
     where.add_argument("--link", dest="how", action="store_const", const="link",
                        help="symlink the photos from OUT/images/ (SRC must stay where it is)")
+    where.add_argument("--crop-like", metavar="DATA_FACES",
+                       help="face-crop each photo as this data set was cropped (its face_crop.json, made by "
+                            "data_tools.crop_faces) and write the crops under OUT/images/")
     parser.set_defaults(how="in place")
     pick = parser.add_argument_group("which photos and labels")
     pick.add_argument("--min-age", type=int, help="utkface: only people this old or older (e.g. 18, or 60 for "
@@ -211,6 +251,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUT/extra.csv")
     run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                      help="processes decoding photos to check them (default: CPU count, at most 4)")
+    run.add_argument("--device", default="auto", help="--crop-like: where the face detector runs (default auto)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -218,8 +259,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     samples = import_faces(args.src, args.out, args.format, args.how, args.limit, args.min_age, args.max_age,
-                           args.assume_mask, args.skip_bad, args.overwrite, args.seed, args.workers, args.progress)
-    print(summary(samples, Path(args.out), args.how))
+                           args.assume_mask, args.skip_bad, args.overwrite, args.seed, args.workers, args.progress,
+                           args.crop_like, args.device)
+    print(summary(samples, Path(args.out), "crop" if args.crop_like else args.how))
     return 0
 
 

@@ -1,4 +1,5 @@
 """data_tools.import_faces: missing labels become -1, and training on the mix masks their loss out."""
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from data_tools import import_faces
 from data_tools.make_synthetic import make_synthetic
-from mtl import data, labels
+from mtl import data, face_crop, labels
 from mtl.dataset import DataSpec, FaceDataset, load_fold
 from mtl.losses import build_loss, class_counts
 from mtl.model import create_model
@@ -108,6 +109,26 @@ def test_link_points_at_the_source_photos(folder_src, tmp_path):
     assert {p.resolve().parent.parent for p in paths} == {folder_src.resolve()}
 
 
+def test_crop_like_crops_every_photo_as_the_data_set_was_cropped(utk_src, tmp_path, capsys):
+    faces = tmp_path / "data_faces"
+    faces.mkdir()
+    record = face_crop.crop_settings(margin=0.2, size=(30, 40))
+    (faces / data.FACE_CROP_RECORD).write_text(json.dumps(record))
+    out = tmp_path / "out"
+    assert run([utk_src, out, "--format", "utkface", "--crop-like", faces, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    table = data.read_extra(out / "extra.csv")
+    assert len(table) == len(WANTED) and sorted(zip(table["age"], table["gender"])) == WANTED  # labels kept
+    for path in table["image_path"]:
+        assert Path(path).is_relative_to(out / "images") and Path(path).name.endswith(".jpg.chip.jpg")
+        with Image.open(path) as photo:
+            assert photo.size == (30, 40)  # the record's size, not the 200x200 source
+    assert json.loads((out / data.FACE_CROP_RECORD).read_text()) == record
+    assert f"face-cropped {len(WANTED)} photos" in printed and "face-cropped under" in printed
+    # real UTKFace chips are faces, found by MTCNN; plain colours (no ../shared) fall back to the usual place
+    assert ("no face found in" in printed) == (not UTKFACE.is_dir())
+
+
 def test_unknown_class_folder_is_named(folder_src, tmp_path, capsys):
     (folder_src / "sunglasses").mkdir()
     assert run([folder_src, tmp_path / "out", "--format", "folder"]) == 2
@@ -130,6 +151,8 @@ def test_unreadable_photo_stops_the_import_unless_skip_bad(utk_src, tmp_path, ca
     (["{src}", "{tmp}/out", "--format", "voc"], "invalid choice: 'voc'"),
     (["{src}", "{tmp}/out", "--format", "folder", "--min-age", "60"], "--min-age, --max-age and --assume-mask"),
     (["{src}", "{src}/out", "--format", "utkface", "--copy"], "is inside SRC"),
+    (["{src}", "{tmp}/out", "--format", "utkface", "--crop-like", "{tmp}"], "--crop-like {tmp}: no face_crop.json"),
+    (["{src}", "{tmp}/out", "--format", "utkface", "--crop-like", "{tmp}", "--copy"], "not allowed with argument"),
 ])
 def test_bad_input_exits_2_naming_it(utk_src, tmp_path, capsys, args, message):
     fill = {"tmp": tmp_path, "src": utk_src}
