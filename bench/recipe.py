@@ -159,6 +159,7 @@ VARIANTS = {
     "age_reg_0+size_small": _on_new_defaults(img_scale=96 / 112, epoch_scale=5 / 4),
     "age_reg_0+augment_flip": _on_new_defaults(augment="flip"),
     "age_reg_0+cutmix_1.0": _on_new_defaults(cutmix=1.0),
+    "age_reg_0+layer_decay_0.7": _on_new_defaults(layer_decay=0.7),
     # round 3: the recipe with real data (README "Real data"), then one change more from it
     "age_reg_0+real_masks": _on_new_defaults(extra_masks=True),
     "age_reg_0+real_masks+lr_1e-3": _on_new_defaults(extra_masks=True, lr=1e-3),
