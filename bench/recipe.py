@@ -43,7 +43,9 @@ meaning after configs/default.yaml changes); `defaults` is configs/default.yaml 
 (`--variants baseline defaults` is the before/after comparison); `+real_masks` adds the other facemask-dev half
 as partial-label --extra data, so its facemask figures are not on an unseen collection (marked, never a winner).
 The `age_reg_0+...` variants (round 2) change one setting more from `age_reg_0`, which equals configs/default.yaml
-since 7075b39; `--against age_reg_0` reads their paired differences from it.
+since 7075b39; `--against age_reg_0` reads their paired differences from it. `age_reg_0+real_masks` (round 3) is the
+README's recipe with real photos, and `age_reg_0+real_masks+...` change one setting more from it. bench.recipe_targets
+reads issue 22's targets off the kept runs.
 
 Every variant runs over --seeds (the training seed, which also moves the person-level folds; the prepared data
 stays fixed), interleaved: for each seed, every variant in an order shuffled by that seed. Each finished
