@@ -169,7 +169,7 @@ def import_faces(src, out, fmt, how="in place", limit=None, min_age=None, max_ag
     if (out / EXTRA_FILE).exists() and not overwrite:
         raise ConfigError(f"{out / EXTRA_FILE} exists; pass --overwrite to replace it, or choose another OUT")
     if how != "in place" and out.resolve().is_relative_to(src.resolve()):
-        raise ConfigError(f"OUT {out} is inside SRC {src}: copies would be imported again next time")
+        raise ConfigError(f"OUT {out} is inside SRC {src}: the photos written there would be imported again next time")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
 
@@ -205,8 +205,8 @@ def import_faces(src, out, fmt, how="in place", limit=None, min_age=None, max_ag
     return samples
 
 
-def summary(samples: pd.DataFrame, out: Path, how: str) -> str:
-    """What was imported, per label, and how to train with it."""
+def summary(samples: pd.DataFrame, out: Path, how: str, data_folder="DATA") -> str:
+    """What was imported, per label, and how to train with it (on `data_folder`)."""
     counts = label_counts(samples)
     lines = [f"imported {len(samples)} photos into {out / EXTRA_FILE} "
              f"({'referenced in place' if how == 'in place' else WRITTEN[how] + ' under ' + str(out / 'images')})"]
@@ -214,7 +214,7 @@ def summary(samples: pd.DataFrame, out: Path, how: str) -> str:
         known = ", ".join(f"{name} {n}" for name, n in per_class.items())
         lines.append(f"  {task + ':':8s}{known}" + (f" (age threshold {labels.DEFAULT_AGE_THRESHOLD})"
                                                      if task == "age" else ""))
-    lines.append(f"train with: python train_multitask.py --data DATA --extra {out / EXTRA_FILE}")
+    lines.append(f"train with: python train_multitask.py --data {data_folder} --extra {out / EXTRA_FILE}")
     return "\n".join(lines)
 
 
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     samples = import_faces(args.src, args.out, args.format, args.how, args.limit, args.min_age, args.max_age,
                            args.assume_mask, args.skip_bad, args.overwrite, args.seed, args.workers, args.progress,
                            args.crop_like, args.device)
-    print(summary(samples, Path(args.out), "crop" if args.crop_like else args.how))
+    print(summary(samples, Path(args.out), "crop" if args.crop_like else args.how, args.crop_like or "DATA"))
     return 0
 
 
